@@ -1,0 +1,273 @@
+"""``SamPredictor``: encode an image once, then decode prompts in milliseconds.
+
+Drop-in compatible with ``segment_anything.SamPredictor`` (same methods, arguments and
+return values), plus microscopy-friendly input handling and a separable embedding
+(:class:`ImageEmbedding`) for caches and on-disk stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .image import ResizeLongestSide, to_rgb_uint8
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """The encoder output for one image, with what is needed to decode against it.
+
+    Attributes:
+        features: (1, C, He, We) float32 image embedding.
+        original_size: (H, W) of the image given to ``set_image``.
+        input_size: (h, w) of the resized image inside the padded (S, S) model input.
+        model_signature: which weights made it (``Sam.signature``); decoding with other
+            weights would silently give nonsense, so ``set_embedding`` checks it.
+    """
+
+    features: torch.Tensor
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+    model_signature: str
+
+
+def _model_signature(model) -> str:
+    return getattr(model, "signature", type(model).__name__)
+
+
+class SamPredictor:
+    """Predict masks for one image from points, boxes and mask prompts.
+
+    Args:
+        sam_model: a :class:`~napari_sam.model.Sam` (or any model with the same
+            ``preprocess``/``encode``/``decode`` interface).
+    """
+
+    def __init__(self, sam_model) -> None:
+        self.model = sam_model
+        self.transform = ResizeLongestSide(sam_model.image_size)
+        self.reset_image()
+
+    # ------------------------------------------------------------------ encoding
+    def encode_image(
+        self,
+        image: np.ndarray,
+        image_format: str = "RGB",
+        contrast_limits: tuple[float, float] | None = None,
+    ) -> ImageEmbedding:
+        """Encode ``image`` without changing the predictor's state (thread-friendly).
+
+        Args:
+            image: (H, W) grayscale or (H, W, 3|4) colour, dtype uint8, uint16, int,
+                float or bool. See :mod:`napari_sam.engine.image` for the normalisation.
+            image_format: "RGB" or "BGR" channel order of a colour image.
+            contrast_limits: optional (low, high) display range mapped to 0…255.
+        """
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"expected image_format 'RGB' or 'BGR', got {image_format!r}")
+        rgb = to_rgb_uint8(image, contrast_limits)
+        if image_format != self.model.image_format:
+            rgb = rgb[..., ::-1]
+        resized = self.transform.apply_image(np.ascontiguousarray(rgb))
+        x = torch.from_numpy(np.array(resized)).to(self.device).permute(2, 0, 1)[None].float()
+        return self.encode_torch_image(x, rgb.shape[:2])
+
+    def encode_torch_image(
+        self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]
+    ) -> ImageEmbedding:
+        """(1, 3, h, w) float RGB in [0, 255], already resized (longest side S) -> embedding."""
+        s = self.model.image_size
+        if (
+            transformed_image.dim() != 4
+            or transformed_image.shape[:2] != (1, 3)
+            or max(transformed_image.shape[2:]) != s
+        ):
+            raise ValueError(
+                f"expected a (1, 3, h, w) tensor with max(h, w) == {s}, "
+                f"got {tuple(transformed_image.shape)}"
+            )
+        features = self.model.encode(self.model.preprocess(transformed_image))
+        return ImageEmbedding(
+            features=features,
+            original_size=tuple(int(v) for v in original_image_size[:2]),
+            input_size=tuple(int(v) for v in transformed_image.shape[-2:]),
+            model_signature=_model_signature(self.model),
+        )
+
+    def set_image(
+        self,
+        image: np.ndarray,
+        image_format: str = "RGB",
+        contrast_limits: tuple[float, float] | None = None,
+    ) -> None:
+        """Encode ``image`` and make it the current image (see :meth:`encode_image`)."""
+        self.set_embedding(self.encode_image(image, image_format, contrast_limits))
+
+    def set_torch_image(
+        self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]
+    ) -> None:
+        """Reference-compatible: encode an already resized (1, 3, h, w) tensor."""
+        self.set_embedding(self.encode_torch_image(transformed_image, original_image_size))
+
+    def set_embedding(self, embedding: ImageEmbedding) -> None:
+        """Make a previously computed embedding current, without re-encoding."""
+        expected = _model_signature(self.model)
+        if embedding.model_signature != expected:
+            raise ValueError(
+                f"expected an embedding made by {expected}, got one made by "
+                f"{embedding.model_signature}"
+            )
+        self.features = embedding.features.to(self.device)
+        self.original_size = embedding.original_size
+        self.input_size = embedding.input_size
+        self._embedding = embedding
+        self._image_side = None
+        self.is_image_set = True
+
+    def get_embedding(self) -> ImageEmbedding:
+        """The current :class:`ImageEmbedding` (to cache or store it)."""
+        self._require_image()
+        return self._embedding
+
+    def get_image_embedding(self) -> torch.Tensor:
+        """The current (1, C, He, We) image embedding."""
+        self._require_image()
+        return self.features
+
+    def reset_image(self) -> None:
+        self.is_image_set = False
+        self.features = None
+        self.original_size = None
+        self.input_size = None
+        self._embedding = None
+        self._image_side = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def _require_image(self) -> None:
+        if not self.is_image_set:
+            raise RuntimeError("no image is set: call set_image() or set_embedding() first")
+
+    # ------------------------------------------------------------------ decoding
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks for one object of the current image.
+
+        Args:
+            point_coords: (N, 2) float, (x, y) pixels of the original image.
+            point_labels: (N,) int, 1 = foreground, 0 = background.
+            box: (4,) or (1, 4) float, x0 y0 x1 y1 pixels of the original image.
+            mask_input: (1, 4He, 4We) low-res logits from a previous call (256x256 for SAM).
+            multimask_output: three candidate masks (True) or one.
+            return_logits: return logits instead of thresholded masks.
+        Returns:
+            masks (C, H, W) bool (float32 logits with return_logits), iou predictions (C,)
+            float32, low-res logits (C, 4He, 4We) float32; C = 3 or 1.
+        """
+        self._require_image()
+        coords_t = labels_t = box_t = mask_t = None
+        if point_coords is not None or point_labels is not None:
+            if point_coords is None or point_labels is None:
+                raise ValueError("expected point_coords and point_labels together, got only one")
+            coords = np.asarray(point_coords, dtype=np.float64)
+            labels = np.asarray(point_labels)
+            if coords.ndim != 2 or coords.shape[1] != 2 or labels.shape != (coords.shape[0],):
+                raise ValueError(
+                    "expected point_coords (N, 2) and point_labels (N,), "
+                    f"got {coords.shape} and {labels.shape}"
+                )
+            _require_finite(coords, "point_coords")
+            coords = self.transform.apply_coords(coords, self.original_size)
+            coords_t = torch.as_tensor(coords, dtype=torch.float, device=self.device)[None]
+            labels_t = torch.as_tensor(labels, dtype=torch.int, device=self.device)[None]
+        if box is not None:
+            box = np.asarray(box, dtype=np.float64)
+            if box.size != 4:
+                raise ValueError(f"expected box of shape (4,) or (1, 4), got {box.shape}")
+            _require_finite(box, "box")
+            box = self.transform.apply_boxes(box.reshape(4), self.original_size)
+            box_t = torch.as_tensor(box, dtype=torch.float, device=self.device)  # (1, 4)
+        if mask_input is not None:
+            mask = np.asarray(mask_input, dtype=np.float32)
+            size = self.low_res_size
+            if mask.shape != (1, *size):
+                raise ValueError(f"expected mask_input of shape (1, {size[0]}, {size[1]}), got {mask.shape}")
+            mask_t = torch.as_tensor(mask, device=self.device)[None]
+        masks, iou, low_res = self.predict_torch(
+            coords_t, labels_t, box_t, mask_t, multimask_output, return_logits
+        )
+        return masks[0].cpu().numpy(), iou[0].cpu().numpy(), low_res[0].cpu().numpy()
+
+    @property
+    def low_res_size(self) -> tuple[int, int]:
+        """(h, w) of low-res mask logits: 4x the embedding grid (256, 256 for SAM)."""
+        self._require_image()
+        he, we = self.features.shape[-2:]
+        return 4 * he, 4 * we
+
+    def predict_torch(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batched prediction; coordinates already in model-input pixels
+        (use ``predictor.transform.apply_coords_torch``).
+
+        Args:
+            point_coords: (B, N, 2) (x, y); point_labels (B, N).
+            boxes: (B, 4) xyxy.
+            mask_input: (B, 1, 4He, 4We) logits.
+        Returns:
+            masks (B, C, H, W) bool (or logits), iou (B, C), low-res logits (B, C, 4He, 4We).
+        """
+        low_res, iou = self.decode_low_res(
+            point_coords, point_labels, boxes, mask_input, multimask_output
+        )
+        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        return masks, iou, low_res
+
+    def decode_low_res(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like :meth:`predict_torch` but stops at the low-res logits (B, C, 4He, 4We) and IoU
+        (B, C): the cheap part, for code that filters before upsampling."""
+        self._require_image()
+        if mask_input is None and self._image_side is None:
+            # prompt-independent decoder work, done once per image and reused by every call
+            self._image_side = self.model.image_side_cache(self.features)
+        return self.model.decode(
+            self.features,
+            point_coords,
+            point_labels,
+            boxes,
+            mask_input,
+            multimask_output,
+            cache=self._image_side if mask_input is None else None,
+        )
+
+
+def _require_finite(values: np.ndarray, name: str) -> None:
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"expected finite {name}, got {values.tolist()}")

@@ -1,0 +1,146 @@
+"""The SAM assembly: image encoder + prompt encoder + mask decoder."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import PIXEL_MEAN, PIXEL_STD, SamConfig
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
+from .transformer import ImageSideCache
+
+
+class Sam(nn.Module):
+    """Segment Anything model with an encode / decode split.
+
+    The engine talks to any model through this small interface (``image_size``,
+    ``mask_threshold``, ``image_format``, ``preprocess``, ``encode``, ``decode``,
+    ``image_side_cache``), which test doubles such as the oracle model also provide.
+
+    ``encoder_dtype`` / ``decoder_dtype`` (None = float32) select autocast precision.
+    """
+
+    mask_threshold: float = 0.0
+    image_format: str = "RGB"
+
+    def __init__(
+        self,
+        config: SamConfig,
+        image_encoder: nn.Module,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: MaskDecoder,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
+        self.encoder_dtype: torch.dtype | None = None
+        self.decoder_dtype: torch.dtype | None = None
+        self.model_type = config.name
+        self.checkpoint_sha256: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def image_size(self) -> int:
+        """Side S of the square model input."""
+        return self.image_encoder.img_size
+
+    @property
+    def signature(self) -> str:
+        """Identifies the weights for caches: model type + checkpoint hash."""
+        return f"{self.model_type}:{self.checkpoint_sha256 or 'unknown'}"
+
+    def _autocast(self, dtype: torch.dtype | None):
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def preprocess(self, x: Tensor) -> Tensor:
+        """(B, 3, h, w) RGB float in [0, 255], h, w <= S -> (B, 3, S, S) normalised, padded
+        with zeros at the bottom and right."""
+        x = (x - self.pixel_mean) / self.pixel_std
+        h, w = x.shape[-2:]
+        return F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
+
+    @torch.inference_mode()
+    def encode(self, x: Tensor) -> Tensor:
+        """(B, 3, S, S) preprocessed input -> (B, C, S/16, S/16) float32 embeddings."""
+        with self._autocast(self.encoder_dtype):
+            features = self.image_encoder(x)
+        return features.float()
+
+    @torch.inference_mode()
+    def image_side_cache(self, features: Tensor) -> ImageSideCache:
+        """Prompt-independent decoder work for one image's (1, C, He, We) features, valid
+        for every prompt without a mask input."""
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        with self._autocast(self.decoder_dtype):
+            return self.mask_decoder.transformer.image_side(
+                features + dense, self.prompt_encoder.get_dense_pe()
+            )
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        features: Tensor,
+        points_xy: Tensor | None = None,
+        point_labels: Tensor | None = None,
+        boxes_xyxy: Tensor | None = None,
+        mask_input: Tensor | None = None,
+        multimask_output: bool = True,
+        cache: ImageSideCache | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Decode a batch of B prompts against one image.
+
+        Args:
+            features: (1, C, He, We) image embedding.
+            points_xy: (B, N, 2) float, (x, y) in model-input pixels; with point_labels
+                (B, N) int: 1 positive, 0 negative, -1 padding.
+            boxes_xyxy: (B, 4) float, model-input pixels.
+            mask_input: (B, 1, 4He, 4We) logits from a previous prediction.
+            multimask_output: 3 candidate masks (True) or 1.
+            cache: :meth:`image_side_cache` of ``features``; ignored with a mask input.
+        Returns:
+            low-res mask logits (B, K, 4He, 4We) float32 and IoU predictions (B, K).
+        """
+        points = None if points_xy is None else (points_xy, point_labels)
+        with self._autocast(self.decoder_dtype):
+            sparse, dense = self.prompt_encoder(points, boxes_xyxy, mask_input)
+            if mask_input is None:
+                dense = dense[:1]  # identical for every prompt: share the image side
+            else:
+                cache = None
+            masks, iou = self.mask_decoder(
+                features,
+                self.prompt_encoder.get_dense_pe(),
+                sparse,
+                dense,
+                multimask_output,
+                cache,
+            )
+        return masks.float(), iou.float()
+
+    def postprocess_masks(
+        self, masks: Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
+    ) -> Tensor:
+        """Low-res logits (B, K, s, s) -> logits (B, K, H, W) at the original image size.
+
+        Same two bilinear steps as the reference: up to the padded input (S, S), crop the
+        padding away, then to the original size (skipped when it is the identity).
+        """
+        s = self.image_size
+        masks = F.interpolate(masks, (s, s), mode="bilinear", align_corners=False)
+        masks = masks[..., : input_size[0], : input_size[1]]
+        if tuple(input_size) != tuple(original_size):
+            masks = F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
+        return masks

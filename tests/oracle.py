@@ -1,0 +1,131 @@
+"""An oracle "model" with SAM's engine interface, for testing geometry end to end.
+
+Random weights cannot tell whether a click lands on the right object after resizing,
+padding, scale/translate and slicing. The oracle can: its "embedding" is the grayscale
+model input itself, packed into the usual (1, C, S/16, S/16) shape (C * (S/16)^2 == S^2
+for C = 256), so it travels through every cache and store like a real embedding. Its
+decoder returns the connected region of (nearly) constant intensity under each positive
+point, minus the regions under negative points; for a box, the largest non-zero region
+inside it. Test images draw each object with its own non-zero intensity on a zero
+background, so "the region under the click" is exactly "the true object".
+
+Multimask output gives three candidates: the object eroded (predicted IoU 0.5), the object
+(0.9), and the object dilated (0.6) — so "best candidate" logic is exercised too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+TOLERANCE = 2.5  # intensity levels; bilinear resizing blurs only the object borders
+
+
+class OracleSam:
+    mask_threshold = 0.0
+    image_format = "RGB"
+
+    def __init__(self, image_size: int = 1024, embed_dim: int = 256) -> None:
+        if embed_dim * (image_size // 16) ** 2 != image_size**2:
+            raise ValueError("expected embed_dim * (image_size/16)^2 == image_size^2")
+        self.image_size = image_size
+        self.embed_dim = embed_dim
+        self.device = torch.device("cpu")
+        self.signature = f"oracle:{image_size}"
+        self.model_type = "oracle"
+        self.encode_calls = 0
+        self.decode_calls = 0
+
+    # -- encoder side -----------------------------------------------------------
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, h, w) in [0, 255] -> (B, 3, S, S) gray, padding = -1."""
+        gray = x.float().mean(1, keepdim=True)
+        h, w = gray.shape[-2:]
+        padded = F.pad(gray, (0, self.image_size - w, 0, self.image_size - h), value=-1.0)
+        return padded.expand(-1, 3, -1, -1)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        self.encode_calls += 1
+        s, g = self.image_size, self.image_size // 16
+        return x[:, 0].reshape(x.shape[0], self.embed_dim, g, g).clone()
+
+    def image_side_cache(self, features: torch.Tensor):
+        return None
+
+    def postprocess_masks(self, masks, input_size, original_size):
+        s = self.image_size
+        masks = F.interpolate(masks, (s, s), mode="bilinear", align_corners=False)
+        masks = masks[..., : input_size[0], : input_size[1]]
+        return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+
+    # -- decoder side -----------------------------------------------------------
+    def _image(self, features: torch.Tensor) -> np.ndarray:
+        s = self.image_size
+        return features.reshape(s, s).float().cpu().numpy()
+
+    @staticmethod
+    def _region_at(img: np.ndarray, x: float, y: float) -> np.ndarray:
+        s = img.shape[0]
+        r, c = int(np.clip(np.floor(y), 0, s - 1)), int(np.clip(np.floor(x), 0, s - 1))
+        value = img[r, c]
+        if value < 0:  # padding
+            return np.zeros_like(img, dtype=bool)
+        same = np.abs(img - value) <= TOLERANCE
+        labels, _ = ndimage.label(same)
+        return labels == labels[r, c]
+
+    @staticmethod
+    def _largest_in_box(img: np.ndarray, box: np.ndarray) -> np.ndarray:
+        x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+        inside = np.zeros_like(img, dtype=bool)
+        inside[max(y0, 0) : max(y1, 0) + 1, max(x0, 0) : max(x1, 0) + 1] = True
+        labels, n = ndimage.label((img > TOLERANCE) & inside)
+        if n == 0:
+            return np.zeros_like(img, dtype=bool)
+        sizes = ndimage.sum(np.ones_like(img), labels, index=np.arange(1, n + 1))
+        return labels == (1 + int(np.argmax(sizes)))
+
+    def decode(
+        self,
+        features,
+        points_xy=None,
+        point_labels=None,
+        boxes_xyxy=None,
+        mask_input=None,
+        multimask_output=True,
+        cache=None,
+    ):
+        self.decode_calls += 1
+        img = self._image(features)
+        s = self.image_size
+        batch = next(t.shape[0] for t in (points_xy, boxes_xyxy, mask_input) if t is not None)
+        low = []
+        for b in range(batch):
+            if boxes_xyxy is not None:
+                mask = self._largest_in_box(img, boxes_xyxy[b].cpu().numpy())
+            elif mask_input is not None:
+                up = F.interpolate(mask_input[b : b + 1].float(), (s, s), mode="bilinear")
+                mask = up[0, 0].cpu().numpy() > 0
+            else:
+                mask = np.zeros((s, s), dtype=bool)
+            if points_xy is not None:
+                for (x, y), label in zip(points_xy[b].tolist(), point_labels[b].tolist()):
+                    if label == 1:
+                        mask |= self._region_at(img, x, y)
+                for (x, y), label in zip(points_xy[b].tolist(), point_labels[b].tolist()):
+                    if label == 0:
+                        mask &= ~self._region_at(img, x, y)
+            candidates = [ndimage.binary_erosion(mask, iterations=8), mask, ndimage.binary_dilation(mask, iterations=8)]
+            if not multimask_output:
+                candidates = [mask]
+            low.append(torch.stack([self._to_low_res_logits(m) for m in candidates]))
+        iou = torch.tensor([0.5, 0.9, 0.6] if multimask_output else [0.9]).expand(batch, -1)
+        return torch.stack(low), iou.clone()
+
+    def _to_low_res_logits(self, mask: np.ndarray) -> torch.Tensor:
+        """(S, S) bool -> (S/4, S/4) logits: area fraction mapped to +-10."""
+        t = torch.from_numpy(mask.astype(np.float32))[None, None]
+        frac = F.avg_pool2d(t, 4)[0, 0]
+        return (frac - 0.5) * 20.0
