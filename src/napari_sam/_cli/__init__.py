@@ -1,0 +1,1 @@
+"""Subcommands of the ``napari-sam`` command line (see ``napari_sam.cli``)."""
