@@ -106,3 +106,26 @@ def test_uint8_resize_matches_reference(image):
             ResizeLongestSide(1024).apply_image(img), RefResize(1024).apply_image(img)
         )
     del sa
+
+
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_low_precision_encoder_masks_equal_fp32(tiny_reference_and_checkpoint, image, precision):
+    """The precision 'auto' may pick on a CPU must keep the reference's masks."""
+    sa = import_segment_anything()
+    from sam_factory import TINY_VIT_B
+
+    from napari_sam import SamPredictor, build_sam
+
+    ref_model, path = tiny_reference_and_checkpoint
+    ref = sa.SamPredictor(ref_model)
+    ref.set_image(image)
+    ours = SamPredictor(build_sam(TINY_VIT_B, checkpoint=path, device="cpu", precision=precision))
+    ours.set_image(image)
+    emb_err = rel_err(ours.get_image_embedding(), ref.get_image_embedding())
+    assert emb_err < 0.05
+    for prompt in PROMPTS.values():
+        kwargs = {k: np.asarray(v) for k, v in prompt.items()}
+        m_ref, _, _ = ref.predict(**kwargs)
+        m_ours, _, _ = ours.predict(**kwargs)
+        for a, b in zip(m_ours, m_ref):
+            assert iou(a, b) >= 0.99

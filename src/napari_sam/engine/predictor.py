@@ -254,17 +254,16 @@ class SamPredictor:
         """Like :meth:`predict_torch` but stops at the low-res logits (B, C, 4He, 4We) and IoU
         (B, C): the cheap part, for code that filters before upsampling."""
         self._require_image()
-        if mask_input is None and self._image_side is None:
-            # prompt-independent decoder work, done once per image and reused by every call
-            self._image_side = self.model.image_side_cache(self.features)
+        cache = None
+        if mask_input is None:
+            # prompt-independent decoder work, done once per image (and precision) and
+            # reused by every later call
+            precision = getattr(self.model, "decoder_dtype", None)
+            if self._image_side is None or self._image_side[0] != precision:
+                self._image_side = (precision, self.model.image_side_cache(self.features))
+            cache = self._image_side[1]
         return self.model.decode(
-            self.features,
-            point_coords,
-            point_labels,
-            boxes,
-            mask_input,
-            multimask_output,
-            cache=self._image_side if mask_input is None else None,
+            self.features, point_coords, point_labels, boxes, mask_input, multimask_output, cache
         )
 
 

@@ -27,9 +27,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch's message also suggests weights_only=False; we never do that
+        detail = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln.upper() and "unsupported" in ln.lower()), "")
+        if detail:
+            raise CheckpointError(
+                f"refusing to load {path}: it contains pickled Python objects, not only "
+                f"tensors, and loading it could run code ({detail})"
+            ) from None
         raise CheckpointError(
-            f"refusing to load {path}: it contains pickled Python objects, not only tensors, "
-            f"and loading it could run code ({str(exc).splitlines()[0]})"
+            f"cannot read {path} as a PyTorch checkpoint: the file is truncated or corrupt. "
+            "Delete it and download it again."
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
         raise CheckpointError(

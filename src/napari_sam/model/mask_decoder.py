@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .common import MLP, LayerNorm2d
@@ -78,15 +79,44 @@ class MaskDecoder(nn.Module):
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]  # (B, M, C)
 
-        src_img = src_tokens.transpose(1, 2).reshape(b, c, h, w)
-        upscaled = self.output_upscaling(src_img)  # (B, C/8, 4He, 4We)
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
-            dim=1,
-        )  # (B, M, C/8)
-        _, cu, hu, wu = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, cu, hu * wu)).reshape(b, -1, hu, wu)
-        iou_pred = self.iou_prediction_head(iou_token_out)  # (B, M)
-
         keep = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, keep], iou_pred[:, keep]
+        mlps = list(self.output_hypernetworks_mlps)[keep]
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, keep][:, i]) for i, mlp in enumerate(mlps)], dim=1
+        )  # (B, K, C/8) for the K masks asked for
+        masks = self._upscale_and_project(src_tokens.reshape(b, h, w, c), hyper_in)
+        iou_pred = self.iou_prediction_head(iou_token_out)  # (B, M)
+        return masks, iou_pred[:, keep]
+
+    def _upscale_and_project(self, src: Tensor, hyper_in: Tensor) -> Tensor:
+        """``hyper_in · output_upscaling(src)`` computed channels-last with matmuls.
+
+        A 2x2 stride-2 transposed convolution maps each input pixel to its own 2x2 output
+        block, i.e. it is one matmul (Cin -> Cout*4) followed by a pixel shuffle. The second
+        shuffle is applied to the K projected masks instead of the C/8 channels (exact).
+
+        Args:
+            src: (B, H, W, C) image tokens; hyper_in: (B, K, C/8).
+        Returns:
+            (B, K, 4H, 4W) mask logits.
+        """
+        conv1, norm, _, conv2, _ = self.output_upscaling
+        b, h, w, _ = src.shape
+        x = self._conv_transpose_2x2(src, conv1)  # (B, H, W, 2, 2, C/4)
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, -1)  # (B, 2H, 2W, C/4)
+        x = F.gelu(F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps))
+        x = F.gelu(self._conv_transpose_2x2(x, conv2))  # (B, 2H, 2W, 2, 2, C/8)
+        masks = x.reshape(b, -1, x.shape[-1]) @ hyper_in.transpose(1, 2).to(x.dtype)
+        k = hyper_in.shape[1]
+        # (B, 2H*2W*4, K) -> (B, 2H, 2W, 2, 2, K) -> (B, K, 2H, 2, 2W, 2) -> (B, K, 4H, 4W)
+        masks = masks.reshape(b, 2 * h, 2 * w, 2, 2, k).permute(0, 5, 1, 3, 2, 4)
+        return masks.reshape(b, k, 4 * h, 4 * w)
+
+    @staticmethod
+    def _conv_transpose_2x2(x: Tensor, conv: nn.ConvTranspose2d) -> Tensor:
+        """(B, H, W, Cin) -> (B, H, W, 2, 2, Cout): stride-2 2x2 transposed conv, per pixel."""
+        cin, cout = conv.weight.shape[:2]
+        weight = conv.weight.permute(0, 2, 3, 1).reshape(cin, 4 * cout)  # (Cin, (ky, kx, Cout))
+        bias = conv.bias.repeat(4)
+        out = F.linear(x, weight.t(), bias)  # (B, H, W, 4*Cout)
+        return out.reshape(*x.shape[:3], 2, 2, cout)
