@@ -58,7 +58,7 @@ class MaskDecoder(nn.Module):
         """
         Args:
             image_embeddings: (1, C, He, We) embedding of one image.
-            image_pe: (1, C, He, We) positional encoding.
+            image_pe: (1, C, He, We) positional encoding (unused with ``cache``).
             sparse_prompt_embeddings: (B, T, C) point/box tokens.
             dense_prompt_embeddings: (B, C, He, We), or (1, C, He, We) when it is the same
                 for every prompt (no mask input): the image side is then shared.
@@ -73,8 +73,9 @@ class MaskDecoder(nn.Module):
         output_tokens = output_tokens[None].expand(b, -1, -1)  # (B, 1 + M, C)
         tokens = torch.cat([output_tokens, sparse_prompt_embeddings], dim=1)  # (B, T', C)
 
-        src = image_embeddings + dense_prompt_embeddings  # (B or 1, C, He, We)
-        _, c, h, w = src.shape
+        _, c, h, w = image_embeddings.shape
+        # with a cache the transformer already has the image tokens (embedding + dense)
+        src = None if cache is not None else image_embeddings + dense_prompt_embeddings
         hs, src_tokens = self.transformer(src, image_pe, tokens, cache)  # src_tokens (B, HW, C)
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]  # (B, M, C)

@@ -122,7 +122,7 @@ class Sam(nn.Module):
                 cache = None
             masks, iou = self.mask_decoder(
                 features,
-                self.prompt_encoder.get_dense_pe(),
+                None if cache is not None else self.prompt_encoder.get_dense_pe(),
                 sparse,
                 dense,
                 multimask_output,

@@ -62,10 +62,13 @@ class Attention(nn.Module):
 class ImageSideCache:
     """Prompt-independent projections of the first two-way layer for one image.
 
-    All tensors are (1, heads, HW, d): the image tokens projected by the first layer's
-    token->image key/value projections and its image->token query projection.
+    ``keys`` and ``key_pe`` are the flattened image tokens and their positional encoding,
+    (1, HW, C); the other tensors are (1, heads, HW, d): the image tokens projected by the
+    first layer's token->image key/value projections and its image->token query projection.
     """
 
+    keys: Tensor
+    key_pe: Tensor
     t2i_keys: Tensor
     t2i_values: Tensor
     i2t_queries: Tensor
@@ -102,6 +105,8 @@ class TwoWayAttentionBlock(nn.Module):
         t2i, i2t = self.cross_attn_token_to_image, self.cross_attn_image_to_token
         keys_pe = keys + key_pe
         return ImageSideCache(
+            keys=keys,
+            key_pe=key_pe,
             t2i_keys=t2i.split_heads(t2i.k_proj(keys_pe)),
             t2i_values=t2i.split_heads(t2i.v_proj(keys)),
             i2t_queries=i2t.split_heads(i2t.q_proj(keys_pe)),
@@ -189,15 +194,19 @@ class TwoWayTransformer(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """
         Args:
-            image_embedding: (B or 1, C, H, W) image tokens (with the dense prompt added).
+            image_embedding: (B or 1, C, H, W) image tokens (with the dense prompt added);
+                unused when ``cache`` is given.
             image_pe: (1, C, H, W) positional encoding of the image grid.
             point_embedding: (B, T, C) prompt and output tokens.
             cache: :meth:`image_side` of the same image_embedding/image_pe, if known.
         Returns:
             tokens (B, T, C) and image tokens (B, HW, C).
         """
-        keys = self.flatten_image(image_embedding)  # (B or 1, HW, C)
-        key_pe = self.flatten_image(image_pe)  # (1, HW, C)
+        if cache is not None:  # (the flattening was done once for this image)
+            keys, key_pe = cache.keys, cache.key_pe
+        else:
+            keys = self.flatten_image(image_embedding)  # (B or 1, HW, C)
+            key_pe = self.flatten_image(image_pe)  # (1, HW, C)
         queries = point_embedding
         for i, layer in enumerate(self.layers):
             queries, keys = layer(
