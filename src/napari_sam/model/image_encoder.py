@@ -1,9 +1,8 @@
 """ViT image encoder of SAM (vit_b / vit_l / vit_h), with windowed and global attention.
 
 Parameter names and shapes follow the official checkpoints (``image_encoder.*``).
-Attention runs through ``F.scaled_dot_product_attention``: the decomposed relative
-position bias is folded into the query/key vectors (see :func:`_attention_with_rel_pos`),
-so the (heads, HW, HW) bias matrix of the global blocks is never materialised.
+Attention runs through ``F.scaled_dot_product_attention`` with the decomposed relative
+position bias as an additive mask (see :func:`_attention_with_rel_pos`).
 """
 
 from __future__ import annotations
@@ -46,6 +45,10 @@ def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> 
     return rel_pos[offset.long()]
 
 
+# Bound on the transient (chunk, HW, HW) bias tensor of global attention: 64 M values.
+_MAX_BIAS_VALUES = 1 << 26
+
+
 def _attention_with_rel_pos(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -55,12 +58,11 @@ def _attention_with_rel_pos(
     size: tuple[int, int],
     scale: float,
 ) -> torch.Tensor:
-    """softmax(scale * q k^T + bias_h + bias_w) v, without building the bias matrix.
+    """softmax(scale * q k^T + bias) v with SAM's decomposed relative-position bias.
 
-    The decomposed bias is ``bias[(i, j), (m, n)] = <q_ij, Rh[i, m]> + <q_ij, Rw[j, n]>``.
-    Appending ``<q_ij, Rh[i, :]>`` and ``<q_ij, Rw[j, :]>`` (H + W numbers) to every
-    query and the matching one-hot rows ``e_m`` and ``e_n`` to every key makes one dot
-    product give the logit with its bias, so fused attention kernels can be used.
+    ``bias[(i, j), (m, n)] = <q_ij, Rh[i, m]> + <q_ij, Rw[j, n]>`` is built as an additive
+    mask for ``F.scaled_dot_product_attention`` (fused kernel, no separate softmax pass),
+    a few heads at a time so the (heads, HW, HW) tensor of global blocks stays bounded.
 
     Args:
         q, k, v: (B, HW, d) per-head tokens, row-major over (H, W).
@@ -73,16 +75,22 @@ def _attention_with_rel_pos(
     b, n, d = q.shape
     table_h = relative_position_table(h, h, rel_pos_h).to(q.dtype)  # (H, H, d)
     table_w = relative_position_table(w, w, rel_pos_w).to(q.dtype)  # (W, W, d)
-    q_grid = q.reshape(b, h, w, d)
-    bias_h = torch.einsum("bhwc,hkc->bhwk", q_grid, table_h).reshape(b, n, h)  # (B, HW, H)
-    bias_w = torch.einsum("bhwc,wkc->bhwk", q_grid, table_w).reshape(b, n, w)  # (B, HW, W)
-    q_aug = torch.cat([q * scale, bias_h, bias_w], dim=-1)  # (B, HW, d + H + W)
-    eye_h = torch.eye(h, dtype=q.dtype, device=q.device)
-    eye_w = torch.eye(w, dtype=q.dtype, device=q.device)
-    key_h = eye_h[:, None, :].expand(h, w, h).reshape(1, n, h).expand(b, n, h)  # row of key
-    key_w = eye_w[None, :, :].expand(h, w, w).reshape(1, n, w).expand(b, n, w)  # col of key
-    k_aug = torch.cat([k, key_h, key_w], dim=-1)  # (B, HW, d + H + W)
-    return F.scaled_dot_product_attention(q_aug, k_aug, v, scale=1.0)
+    chunk = max(1, _MAX_BIAS_VALUES // (n * n))
+    out = []
+    for start in range(0, b, chunk):
+        qc = q[start : start + chunk]
+        q_grid = qc.reshape(-1, h, w, d)
+        bias_h = torch.einsum("bhwc,hkc->bhwk", q_grid, table_h)  # (b, H, W, H)
+        bias_w = torch.einsum("bhwc,wkc->bhwk", q_grid, table_w)  # (b, H, W, W)
+        # (b, H, W, H, 1) + (b, H, W, 1, W) -> (b, 1, HW, HW) additive mask
+        bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(-1, 1, n, n)
+        out.append(
+            F.scaled_dot_product_attention(
+                qc[:, None], k[start : start + chunk, None], v[start : start + chunk, None],
+                attn_mask=bias.to(qc.dtype), scale=scale,
+            )[:, 0]
+        )
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 class Attention(nn.Module):
@@ -115,15 +123,25 @@ class Attention(nn.Module):
         # (B, H, W, 3D) -> (3, B, heads, HW, d) -> three (B*heads, HW, d)
         qkv = self.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.reshape(3, b * heads, h * w, -1).unbind(0)
-        if self.use_rel_pos:
-            out = _attention_with_rel_pos(
-                q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w), self.scale
-            )
+        if x.device.type == "cpu" and q.dtype != torch.float32:
+            # CPU low precision: the linear layers carry the speed-up (bf16 matmul ~4.5x),
+            # while bf16 attention logits with an additive bias gain little and cost
+            # accuracy, so attention itself runs in float32.
+            with torch.autocast("cpu", enabled=False):
+                out = self._attend(q.float(), k.float(), v.float(), (h, w)).to(q.dtype)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+            out = self._attend(q, k, v, (h, w))
         # (B*heads, HW, d) -> (B, heads, H, W, d) -> (B, H, W, heads*d)
         out = out.view(b, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(out)
+
+    def _attend(self, q, k, v, size: tuple[int, int]) -> torch.Tensor:
+        """(B*heads, HW, d) q, k, v -> (B*heads, HW, d)."""
+        if self.use_rel_pos:
+            return _attention_with_rel_pos(
+                q, k, v, self.rel_pos_h, self.rel_pos_w, size, self.scale
+            )
+        return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
 
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
