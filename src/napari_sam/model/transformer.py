@@ -57,6 +57,73 @@ class Attention(nn.Module):
             self.split_heads(self.v_proj(v)),
         )
 
+    # The image has N = 4096 tokens, a prompt only T ~ 7. Projecting the image tokens
+    # costs N*C*internal_dim per projection; folding the projection into the few token
+    # vectors instead costs N*C*heads*T, less whenever heads*T < internal_dim. The results
+    # are the same up to float rounding (re-associated sums).
+
+    def _fold_pays(self, num_tokens: int) -> bool:
+        return self.num_heads * num_tokens < self.internal_dim
+
+    def _head_weights(self, linear: nn.Linear) -> Tensor:
+        """(internal, C) weight of a q/k/v projection -> (heads, d, C)."""
+        return linear.weight.reshape(self.num_heads, -1, linear.weight.shape[-1])
+
+    def tokens_to_image(self, tokens: Tensor, image_k: Tensor, image_v: Tensor) -> Tensor:
+        """Tokens (B, T, C) attend to image tokens image_k / image_v (B or 1, N, C) -> (B, T, C)."""
+        b, t, _ = tokens.shape
+        if not self._fold_pays(t):
+            return self.forward(tokens, image_k, image_v)
+        heads = self.num_heads
+        q = self.split_heads(self.q_proj(tokens))  # (B, h, T, d)
+        d = q.shape[-1]
+        # <q, Wk x + bk> = <Wk^T q, x> + const per query: the constant cancels in softmax
+        qk = torch.einsum("bhtd,hdc->bhtc", q, self._head_weights(self.k_proj))
+        logits = qk.reshape(b, heads * t, -1) @ image_k.transpose(1, 2)  # (B, hT, N)
+        attn = torch.softmax(logits / math.sqrt(d), dim=-1)
+        # attn @ (x Wv^T + bv) = (attn @ x) Wv^T + bv, as attention rows sum to 1
+        mixed = (attn @ image_v).reshape(b, heads, t, -1)  # (B, h, T, C)
+        out = torch.einsum("bhtc,hdc->bhtd", mixed, self._head_weights(self.v_proj))
+        out = out + self.v_proj.bias.reshape(heads, 1, d)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, heads * d))
+
+    def image_to_tokens(
+        self,
+        image_q: Tensor | None,
+        tokens_k: Tensor,
+        tokens_v: Tensor,
+        projected_q: Tensor | None = None,
+    ) -> Tensor:
+        """Image tokens attend to prompt tokens -> (B, N, C).
+
+        Args:
+            image_q: (B or 1, N, C) image queries (ignored when ``projected_q`` is given).
+            tokens_k, tokens_v: (B, T, C).
+            projected_q: (1, h, N, d) ``split_heads(q_proj(image_q))`` if already known.
+        """
+        b, t, _ = tokens_k.shape
+        if not self._fold_pays(t):
+            if projected_q is None:
+                return self.forward(image_q, tokens_k, tokens_v)
+            k = self.split_heads(self.k_proj(tokens_k))
+            return self.attend(projected_q, k, self.split_heads(self.v_proj(tokens_v)))
+        heads = self.num_heads
+        k = self.split_heads(self.k_proj(tokens_k))  # (B, h, T, d)
+        d = k.shape[-1]
+        if projected_q is not None:
+            logits = (projected_q @ k.transpose(-2, -1)).permute(0, 2, 1, 3)  # (B, N, h, T)
+        else:
+            kq = torch.einsum("bhtd,hdc->bhtc", k, self._head_weights(self.q_proj))
+            bias = torch.einsum("bhtd,hd->bht", k, self.q_proj.bias.reshape(heads, d))
+            logits = image_q @ kq.reshape(b, heads * t, -1).transpose(1, 2)  # (B, N, hT)
+            logits = (logits + bias.reshape(b, 1, heads * t)).reshape(b, -1, heads, t)
+        attn = torch.softmax(logits / math.sqrt(d), dim=-1)  # (B, N, h, T)
+        v = self.split_heads(self.v_proj(tokens_v))  # (B, h, T, d)
+        # out_proj folded into the values: (h, T) token rows of width C
+        w_out = self.out_proj.weight.reshape(-1, heads, d)  # (C, h, d)
+        vo = torch.einsum("bhtd,chd->bhtc", v, w_out).reshape(b, heads * t, -1)
+        return attn.reshape(b, -1, heads * t) @ vo + self.out_proj.bias
+
 
 @dataclass
 class ImageSideCache:
@@ -128,18 +195,20 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
 
-        if cache is None:
-            cache = self.image_side(keys, key_pe)
         t2i, i2t = self.cross_attn_token_to_image, self.cross_attn_image_to_token
-        q = t2i.split_heads(t2i.q_proj(queries + query_pe))
-        queries = self.norm2(queries + t2i.attend(q, cache.t2i_keys, cache.t2i_values))
+        keys_pe = None if cache is not None else keys + key_pe
+        if cache is not None:  # image-side projections precomputed for this image
+            q = t2i.split_heads(t2i.q_proj(queries + query_pe))
+            attn_out = t2i.attend(q, cache.t2i_keys, cache.t2i_values)
+        else:
+            attn_out = t2i.tokens_to_image(queries + query_pe, keys_pe, keys)
+        queries = self.norm2(queries + attn_out)
 
         queries = self.norm3(queries + self.mlp(queries))
 
-        tokens_pe = queries + query_pe
-        k = i2t.split_heads(i2t.k_proj(tokens_pe))
-        v = i2t.split_heads(i2t.v_proj(queries))
-        keys = self.norm4(keys + i2t.attend(cache.i2t_queries, k, v))  # (B, HW, C)
+        projected = cache.i2t_queries if cache is not None else None
+        attn_out = i2t.image_to_tokens(keys_pe, queries + query_pe, queries, projected)
+        keys = self.norm4(keys + attn_out)  # (B, HW, C)
         return queries, keys
 
 
@@ -213,5 +282,5 @@ class TwoWayTransformer(nn.Module):
                 queries, keys, point_embedding, key_pe, cache if i == 0 else None
             )
         q = queries + point_embedding
-        queries = queries + self.final_attn_token_to_image(q, keys + key_pe, keys)
+        queries = queries + self.final_attn_token_to_image.tokens_to_image(q, keys + key_pe, keys)
         return self.norm_final_attn(queries), keys
