@@ -230,7 +230,7 @@ def samlike_oracle(image_size: int, seed: int):
 def compare_synthetic(args) -> None:
     from oracle import OracleSam
 
-    from napari_sam.engine.store import VolumeEmbeddings
+    from napari_sam.engine.stack import VolumeEmbeddings
 
     seeds = range(args.seeds)
     models = {"oracle": [lambda: OracleSam(256)],

@@ -13,9 +13,9 @@ import torch
 from oracle import OracleSam
 
 from napari_sam.engine import SamPredictor
-from napari_sam.engine.store import (EmbeddingStore, StackView, StoreMismatchError,
-                                     StoreWriteError, VolumeEmbeddings, outward_order,
-                                     read_store_info)
+from napari_sam.engine.stack import StackView, VolumeEmbeddings
+from napari_sam.engine.store import (EmbeddingStore, StoreMismatchError, StoreWriteError,
+                                     outward_order, read_store_info)
 from napari_sam.engine.volume import run_generator
 
 

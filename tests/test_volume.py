@@ -9,7 +9,8 @@ import pytest
 from oracle import OracleSam
 
 from napari_sam.engine import SamPredictor
-from napari_sam.engine.store import EmbeddingStore, VolumeEmbeddings
+from napari_sam.engine.stack import VolumeEmbeddings
+from napari_sam.engine.store import EmbeddingStore
 from napari_sam.engine.volume import (STRATEGIES, PromptStrategy, PropagationResult,
                                       box_prompt, interior_points, interpolate, iou,
                                       mask_to_logits, propagate, run_generator,

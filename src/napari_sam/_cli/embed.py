@@ -83,7 +83,8 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ..engine import build_sam
-    from ..engine.store import EmbeddingStore, StackView, StoreError, StoreMismatchError
+    from ..engine.stack import StackView
+    from ..engine.store import EmbeddingStore, StoreError, StoreMismatchError
     from ..engine.weights import CheckpointDownloadError
     from ..model.checkpoint import CheckpointError
 

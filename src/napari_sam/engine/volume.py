@@ -292,7 +292,8 @@ def propagate(predictor, embeddings, start_index: int, start_mask: np.ndarray, *
     Args:
         predictor: :class:`SamPredictor` or model (a private predictor is used).
         embeddings: ``len()`` and ``embedding(i) -> ImageEmbedding`` (an
-            :class:`~napari_sam.engine.store.EmbeddingStore` or ``VolumeEmbeddings``).
+            :class:`~napari_sam.engine.store.EmbeddingStore` or
+            :class:`~napari_sam.engine.stack.VolumeEmbeddings`).
         start_index: slice of ``start_mask`` along the stack axis.
         start_mask: (H, W) bool, the object on that slice (a preview or a committed label).
         strategy: see the module docstring; iou_threshold, min_area: stop criteria.
