@@ -1,0 +1,235 @@
+"""The layers napari-sam works with: prompts (Points, Shapes), the live preview (Labels).
+
+Layers are found by their role (``layer.metadata["napari_sam_role"]``), so renaming them is
+harmless, and created only when missing (idempotent). Prompt layers copy the image layer's
+scale / translate / rotate / shear / affine so they overlay the image; prompts are still
+read through world coordinates (``data_to_world`` -> image ``world_to_data``), so a user
+who changes a transform afterwards gets correct results.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from napari.layers import Labels, Points, Shapes
+from napari.utils.transforms import Affine
+
+from .geometry import (
+    SlicePlane,
+    affine_between,
+    box_from_corners_rc,
+    inside,
+    map_coords,
+    on_plane,
+    spatial_shape,
+    to_rc,
+)
+
+ROLE_KEY = "napari_sam_role"
+POINTS_ROLE, BOXES_ROLE, PREVIEW_ROLE, LABELS_ROLE = "points", "boxes", "preview", "labels"
+POSITIVE_COLOR, NEGATIVE_COLOR = "lime", "#ff2d6f"
+
+
+def find_layer(viewer, role: str):
+    """The first layer of ``viewer`` with this napari-sam role, or None."""
+    for layer in viewer.layers:
+        if layer.metadata.get(ROLE_KEY) == role:
+            return layer
+    return None
+
+
+def has_role(layer, *roles: str) -> bool:
+    return layer.metadata.get(ROLE_KEY) in roles
+
+
+def copy_spatial(src, dst) -> None:
+    """Give ``dst`` the data -> world transform of ``src`` (same ndim)."""
+    dst.scale = src.scale
+    dst.translate = src.translate
+    dst.rotate = src.rotate
+    dst.shear = src.shear
+    dst.affine = src.affine
+
+
+def _marker_size(image) -> float:
+    return float(max(3.0, 0.012 * max(spatial_shape(image)[-2:])))
+
+
+def ensure_points_layer(viewer, image) -> Points:
+    """The prompt Points layer (feature ``positive``: True = object, False = background)."""
+    layer = find_layer(viewer, POINTS_ROLE)
+    if layer is not None and layer.ndim != image.ndim:
+        viewer.layers.remove(layer)
+        layer = None
+    if layer is None:
+        layer = Points(
+            ndim=image.ndim,
+            name="SAM points",
+            features={"positive": np.zeros(0, dtype=bool)},
+            feature_defaults={"positive": True},
+            face_color="positive",
+            face_color_cycle={True: POSITIVE_COLOR, False: NEGATIVE_COLOR},
+            border_color="white",
+            size=_marker_size(image),
+            metadata={ROLE_KEY: POINTS_ROLE},
+        )
+        copy_spatial(image, layer)  # before adding: the viewer's extent never jumps
+        viewer.layers.append(layer)
+    copy_spatial(image, layer)
+    return layer
+
+
+def ensure_boxes_layer(viewer, image) -> Shapes:
+    """The prompt Shapes layer; every shape's bounding box is a box prompt."""
+    layer = find_layer(viewer, BOXES_ROLE)
+    if layer is not None and layer.ndim != image.ndim:
+        viewer.layers.remove(layer)
+        layer = None
+    if layer is None:
+        layer = Shapes(
+            ndim=image.ndim,
+            name="SAM boxes",
+            edge_color="yellow",
+            face_color="transparent",
+            edge_width=max(1.0, _marker_size(image) / 4),
+            metadata={ROLE_KEY: BOXES_ROLE},
+        )
+        copy_spatial(image, layer)
+        viewer.layers.append(layer)
+    copy_spatial(image, layer)
+    return layer
+
+
+def ensure_preview_layer(viewer, image, plane: SlicePlane) -> Labels:
+    """The preview Labels layer holding one plane (size 1 on hidden axes), placed on the
+    image's slice ``plane`` — memory stays O(H x W) even for large stacks."""
+    shape = tuple(1 if a not in plane.axes_rc else s for a, s in enumerate(spatial_shape(image)))
+    layer = find_layer(viewer, PREVIEW_ROLE)
+    if layer is not None and layer.ndim != len(shape):
+        viewer.layers.remove(layer)
+        layer = None
+    new = layer is None
+    if new:
+        layer = Labels(
+            np.zeros(shape, dtype=np.uint8),
+            name="SAM preview",
+            opacity=0.55,
+            metadata={ROLE_KEY: PREVIEW_ROLE},
+        )
+    elif layer.data.shape != shape:
+        layer.data = np.zeros(shape, dtype=np.uint8)
+    copy_spatial(image, layer)
+    # shift by the slice index: world(p') = image_world(p' + offset)
+    offset = np.array([0 if a in plane.axes_rc else i for a, i in enumerate(plane.index)], float)
+    linear = Affine(scale=image.scale, rotate=image.rotate, shear=image.shear).linear_matrix
+    layer.translate = np.asarray(image.translate, float) + linear @ offset
+    layer.metadata["napari_sam_plane"] = plane
+    if new:  # add it placed: the viewer's extent and slider never jump
+        viewer.layers.append(layer)
+    return layer
+
+
+def preview_plane_view(layer: Labels, plane: SlicePlane) -> np.ndarray:
+    """A writable (H, W) view of the preview layer's data for ``plane``."""
+    view = layer.data[tuple(slice(None) if a in plane.axes_rc else 0 for a in range(plane.ndim))]
+    return view.T if plane.axes_rc[0] > plane.axes_rc[1] else view
+
+
+def show_preview(layer: Labels, plane: SlicePlane, ids_hw: np.ndarray | None) -> None:
+    """Write (H, W) object ids (0 = none) into the preview and refresh it; None clears."""
+    view = preview_plane_view(layer, plane)
+    if ids_hw is None:
+        if not view.any():
+            return
+        view[...] = 0
+    else:
+        view[...] = ids_hw
+    try:  # the thumbnail and extent do not matter for a live preview: skip them
+        layer.refresh(thumbnail=False, extent=False, highlight=False)
+    except TypeError:  # napari without refresh options
+        layer.refresh()
+
+
+def read_points(points: Points, image, plane: SlicePlane) -> tuple[np.ndarray, np.ndarray, int]:
+    """Point prompts of ``plane``.
+
+    Returns:
+        points_rc (N, 2) float (row, col) in image data pixels, point_labels (N,) int
+        (1 positive, 0 negative), and how many points of this plane fell outside the image.
+    """
+    data = np.asarray(points.data, dtype=float)
+    if len(data) == 0:
+        return np.zeros((0, 2)), np.zeros(0, dtype=int), 0
+    coords = map_coords(data, affine_between(points, image))
+    keep = on_plane(coords, plane)
+    rc = to_rc(coords[keep], plane)
+    if "positive" in points.features:
+        positive = np.asarray(points.features["positive"], dtype=bool)[keep]
+    else:
+        positive = np.ones(len(rc), dtype=bool)
+    ok = inside(rc, plane.shape_hw)
+    return rc[ok], positive[ok].astype(int), int((~ok).sum())
+
+
+def read_boxes(shapes: Shapes, image, plane: SlicePlane) -> tuple[np.ndarray, int]:
+    """Box prompts of ``plane``: (K, 4) float box_xyxy in image data pixels (each shape's
+    bounding box, clipped to the image), and how many of this plane missed the image."""
+    if len(shapes.data) == 0:
+        return np.zeros((0, 4)), 0
+    transform = affine_between(shapes, image)
+    boxes, missed = [], 0
+    for vertices in shapes.data:
+        coords = map_coords(vertices, transform)
+        if not on_plane(coords, plane).all():
+            continue
+        box = box_from_corners_rc(to_rc(coords, plane), plane.shape_hw)
+        if box is None:
+            missed += 1
+        else:
+            boxes.append(box)
+    return (np.stack(boxes) if boxes else np.zeros((0, 4))), missed
+
+
+def prompt_indices_on_plane(layer, image, plane: SlicePlane) -> list[int]:
+    """Indices of the points / shapes of a prompt layer that lie on ``plane``."""
+    if len(layer.data) == 0:
+        return []
+    transform = affine_between(layer, image)
+    if isinstance(layer, Points):
+        return np.nonzero(on_plane(map_coords(layer.data, transform), plane))[0].tolist()
+    return [i for i, v in enumerate(layer.data) if on_plane(map_coords(v, transform), plane).all()]
+
+
+def remove_prompts(layer, indices) -> None:
+    """Remove points / shapes by index through the layer's own API."""
+    if len(indices) == 0:
+        return
+    layer.selected_data = set(int(i) for i in indices)
+    layer.remove_selected()
+
+
+def rectangle_corners(corner0, corner1, plane: SlicePlane) -> np.ndarray:
+    """Two opposite (ndim,) data corners -> (4, ndim) rectangle vertices in ``plane``."""
+    c0, c1 = np.asarray(corner0, float), np.asarray(corner1, float)
+    r_ax, c_ax = plane.axes_rc
+    out = np.repeat(c0[None], 4, axis=0)
+    for k, (r, c) in enumerate(((c0[r_ax], c0[c_ax]), (c0[r_ax], c1[c_ax]),
+                                (c1[r_ax], c1[c_ax]), (c1[r_ax], c0[c_ax]))):
+        out[k, r_ax], out[k, c_ax] = r, c
+    return out
+
+
+def add_point(points: Points, position_world, positive: bool, default_positive: bool) -> None:
+    """Add one point at a world position with the given polarity, through the layer API
+    (the layer's default polarity is restored to ``default_positive`` afterwards)."""
+    points.selected_data = set()  # else changing the defaults recolours the selection
+    points.feature_defaults = {"positive": bool(positive)}
+    try:
+        points.add(np.asarray(points.world_to_data(position_world), dtype=float)[None])
+    finally:
+        points.feature_defaults = {"positive": bool(default_positive)}
+
+
+def add_box(shapes: Shapes, corner0_world, corner1_world, plane: SlicePlane) -> None:
+    """Add a rectangle (in ``plane``) from two opposite world corners."""
+    c0, c1 = (np.asarray(shapes.world_to_data(c), dtype=float) for c in (corner0_world, corner1_world))
+    shapes.add_rectangles(rectangle_corners(c0, c1, plane)[None])

@@ -1,0 +1,348 @@
+"""``InteractiveSegmenter``: prompts on the shown slice -> live SAM masks -> Labels.
+
+The logic behind :class:`~napari_sam._napari.widget.SegmentAnythingWidget`, with no Qt
+widgets of its own. It listens to the viewer (slider, 2D/3D, layers) and to the prompt
+layers, decodes on every prompt change (never re-encodes; see :mod:`.decode` for the
+prompt rules), encodes slices through the shared
+:class:`~napari_sam._napari.session.SamSession` in a worker (:mod:`.encoding`), commits
+(:mod:`.labels_io`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+from psygnal import Signal
+
+from .decode import Prediction, decode_objects
+from .encoding import EncodingMixin
+from .geometry import PlaneError, SlicePlane, current_plane
+from .labels_io import CommitResult, commit_masks, ensure_labels_layer, label_mask_on_plane
+from .prompt_input import PromptInputMixin
+from .prompt_layers import (
+    PREVIEW_ROLE,
+    ensure_boxes_layer,
+    ensure_points_layer,
+    ensure_preview_layer,
+    find_layer,
+    prompt_indices_on_plane,
+    read_boxes,
+    read_points,
+    remove_prompts,
+    show_preview,
+)
+
+
+class InteractiveSegmenter(EncodingMixin, PromptInputMixin):
+    """Interactive SAM segmentation in ``viewer`` through ``session``.
+
+    Attributes:
+        image_layer: the layer being segmented (set with :meth:`set_image_layer`).
+        labels_layer: commit target; None creates "SAM labels" on the first commit.
+        overwrite: commits may paint over existing non-zero labels (default False).
+        auto_encode: encode the shown slice as soon as it is shown (default True).
+        multimask: "auto" (3 candidates for a single point, else 1), True or False.
+        rank: which candidate is shown: 0 = best predicted IoU, 1 = second…
+    Signals: ``changed()`` after any state change, ``status(str)`` for the user.
+    """
+
+    changed = Signal()
+    status = Signal(str)
+
+    def __init__(self, viewer, session) -> None:
+        self.viewer, self.session = viewer, session
+        self.image_layer = self.labels_layer = None
+        self.points_layer = self.boxes_layer = None
+        self.overwrite, self.auto_encode, self.multimask = False, True, "auto"
+        self.plane: SlicePlane | None = None
+        self.prediction: Prediction | None = None
+        self.rank = 0
+        self.refine_id: int | None = None
+        self._refine_mask = None
+        self._positive = True
+        self._muted = 0
+        self.last_status = ""
+        self._init_encoding()
+        dims = viewer.dims.events
+        self._connections = [
+            (dims.current_step, self._on_view_changed),
+            (dims.ndisplay, self._on_view_changed),
+            (dims.order, self._on_view_changed),
+            (viewer.layers.events.removed, self._on_layer_removed),
+            (session.model_changed, self._on_model_changed),
+        ]
+        for signal, slot in self._connections:
+            signal.connect(slot)
+
+    def close(self) -> None:
+        """Disconnect from the viewer and the session (the layers stay)."""
+        for signal, slot in self._connections:
+            with contextlib.suppress(Exception):
+                signal.disconnect(slot)
+        self._connections = []
+        self._disconnect_prompt_layers()
+
+    # ------------------------------------------------------------------ state
+    def _status(self, message: str) -> None:
+        self.last_status = message
+        self.viewer.status = message
+        self.status.emit(message)
+
+    @contextlib.contextmanager
+    def _keep_active_layer(self):
+        active = self.viewer.layers.selection.active
+        yield
+        if active is not None and active in self.viewer.layers:
+            self.viewer.layers.selection.active = active
+
+    @property
+    def positive(self) -> bool:
+        """Polarity of new points: True adds object points, False background points."""
+        return self._positive
+
+    @positive.setter
+    def positive(self, value: bool) -> None:
+        self._positive = bool(value)
+        if self.points_layer is not None:
+            self.points_layer.selected_data = set()  # else the change recolours them
+            self.points_layer.feature_defaults = {"positive": self._positive}
+        self._status(f"new points are {'positive (object)' if value else 'negative (background)'}")
+        self.changed.emit()
+
+    def set_image_layer(self, layer) -> None:
+        """Segment ``layer`` (an Image layer; None to stop). Prompts of another image are
+        removed; prompt layers are created if missing and the points layer is made active."""
+        if layer is self.image_layer and (layer is None or self.points_layer is not None):
+            return
+        self.image_layer = layer
+        self._active = None
+        self.prediction, self.refine_id, self.plane = None, None, None
+        if layer is None:
+            self.changed.emit()
+            return
+        with self._mute():
+            self._ensure_prompt_layers()
+            for prompts in (self.points_layer, self.boxes_layer):
+                remove_prompts(prompts, range(len(prompts.data)))
+        self.viewer.layers.selection.active = self.points_layer
+        self.points_layer.mode = "add"
+        self.boxes_layer.mode = "add_rectangle"
+        self.sync()
+
+    def _ensure_prompt_layers(self) -> None:
+        with self._keep_active_layer():
+            points = ensure_points_layer(self.viewer, self.image_layer)
+            boxes = ensure_boxes_layer(self.viewer, self.image_layer)
+        if points is not self.points_layer or boxes is not self.boxes_layer:
+            self._disconnect_prompt_layers()
+            self.points_layer, self.boxes_layer = points, boxes
+            for prompts in (points, boxes):
+                prompts.events.data.connect(self._on_prompts_changed)
+            points.selected_data = set()
+            points.feature_defaults = {"positive": self._positive}
+
+    def _disconnect_prompt_layers(self) -> None:
+        for prompts in (self.points_layer, self.boxes_layer):
+            if prompts is not None:
+                with contextlib.suppress(Exception):
+                    prompts.events.data.disconnect(self._on_prompts_changed)
+
+    @contextlib.contextmanager
+    def _mute(self):
+        self._muted += 1
+        try:
+            yield
+        finally:
+            self._muted -= 1
+
+    # ------------------------------------------------------------------ events
+    def _on_view_changed(self, event=None) -> None:
+        self.sync()
+
+    def _on_prompts_changed(self, event=None) -> None:
+        action = str(getattr(event, "action", "")).lower()
+        if self._muted or action.endswith(("adding", "removing", "changing")):
+            return
+        self.update_preview()
+
+    def _on_layer_removed(self, event) -> None:
+        layer = event.value
+        if layer is self.image_layer:
+            self.session.invalidate_layer(layer)
+            self.set_image_layer(None)
+        if layer is self.labels_layer:
+            self.labels_layer = None
+        if layer is self.points_layer or layer is self.boxes_layer:
+            self._disconnect_prompt_layers()
+            self.points_layer = self.boxes_layer = None
+        self.changed.emit()
+
+    def _on_model_changed(self, model=None) -> None:
+        self._active, self.prediction, self._failed_key = None, None, None
+        self.sync()
+
+    # ------------------------------------------------------------------ view -> preview
+    def sync(self) -> None:
+        """Re-read the view (slice, 2D/3D); encode the shown slice if needed; re-decode."""
+        if self.image_layer is None:
+            return
+        try:
+            plane = current_plane(self.viewer.dims, self.image_layer)
+        except PlaneError as exc:
+            plane = None
+            self._status(str(exc))
+        moved = plane != self.plane
+        if moved:
+            self.plane, self.prediction, self.rank = plane, None, 0
+            self.refine_id = self._refine_mask = None
+            self._show(None)
+        if plane is None or (not moved and self.prediction is not None):
+            self.changed.emit()
+            return
+        if self.auto_encode and self.session.has_model and not self._ensure_embedding():
+            self.request_encoding()
+        self.update_preview()
+
+    def _prompts(self):
+        empty = (np.zeros((0, 2)), np.zeros(0, int), 0)
+        pts = read_points(self.points_layer, self.image_layer, self.plane) if self.points_layer else empty
+        boxes = read_boxes(self.boxes_layer, self.image_layer, self.plane) if self.boxes_layer else (np.zeros((0, 4)), 0)
+        return pts[0], pts[1], boxes[0], pts[2] + boxes[1]
+
+    def update_preview(self) -> None:
+        """Decode the prompts of the shown slice and show the result (no re-encoding)."""
+        if self.image_layer is None or self.plane is None:
+            return
+        points_rc, point_labels, boxes_xyxy, outside = self._prompts()
+        if outside:
+            self._status(f"ignored {outside} prompt(s) outside the image '{self.image_layer.name}'")
+        if len(points_rc) == 0 and len(boxes_xyxy) == 0 and self.refine_id is None:
+            self.prediction = None
+            self._show(None)
+            self.changed.emit()
+            return
+        if not self.session.has_model:
+            self._status("load a model first (Load model)")
+            return
+        if not self._ensure_embedding():
+            if self.auto_encode:
+                self._status("encoding this slice… your prompts apply when it is ready")
+                self.request_encoding()
+            else:
+                self._status("this slice is not encoded yet: encode it to apply the prompts")
+            return
+        self.prediction = self._decode(points_rc, point_labels, boxes_xyxy)
+        self._show(self.prediction)
+        self.changed.emit()
+
+    def _decode(self, points_rc, point_labels, boxes_xyxy) -> Prediction:
+        predictor = self.session.predictor
+        if self.refine_id is not None and len(points_rc) == 0 and len(boxes_xyxy) == 0:
+            return Prediction.from_masks(self.plane, self._refine_mask[None])
+        return decode_objects(predictor, self.plane, points_rc, point_labels, boxes_xyxy,
+                              self._refine_mask, self.multimask)
+
+    def _show(self, prediction: Prediction | None) -> None:
+        preview = find_layer(self.viewer, PREVIEW_ROLE)
+        if prediction is None:
+            if preview is not None and self.plane is not None and preview.metadata.get("napari_sam_plane") == self.plane:
+                show_preview(preview, self.plane, None)
+            elif preview is not None and preview.data.any():
+                preview.data = np.zeros_like(preview.data)
+            return
+        if preview is None or preview.metadata.get("napari_sam_plane") != prediction.plane:
+            with self._keep_active_layer():
+                preview = ensure_preview_layer(self.viewer, self.image_layer, prediction.plane)
+            if self.points_layer in self.viewer.layers:  # keep prompts drawn on top
+                i, j = self.viewer.layers.index(preview), self.viewer.layers.index(self.points_layer)
+                if i > j:
+                    self.viewer.layers.move(i, j)
+        masks = prediction.masks(self.rank)
+        ids = np.zeros(prediction.plane.shape_hw, dtype=np.uint8)
+        for k in range(len(masks) - 1, -1, -1):
+            ids[masks[k]] = min(k + 1, 255)
+        show_preview(preview, prediction.plane, ids)
+        iou = prediction.chosen_iou(self.rank)
+        pixels = masks.reshape(len(masks), -1).sum(axis=1)
+        what = ", ".join(f"{p} px (IoU {q:.2f})" for p, q in zip(pixels, iou))
+        msg = f"{len(masks)} object(s): {what}"
+        if prediction.num_candidates > 1:
+            ranked = " / ".join(f"{v:.2f}" for v in prediction.iou[0][prediction.order[0]])
+            msg = (f"candidate {self.rank % prediction.num_candidates + 1}/{prediction.num_candidates}"
+                   f" (predicted IoUs {ranked}; K cycles): {msg}")
+        self._status(msg)
+
+    # ------------------------------------------------------------------ actions
+    def next_candidate(self) -> int:
+        """Show the next of the candidate masks (by predicted IoU); returns the new rank."""
+        if self.prediction is None or self.prediction.num_candidates == 1:
+            self._status("only one candidate mask (a single point gives three)")
+            return self.rank
+        self.rank = (self.rank + 1) % self.prediction.num_candidates
+        self._show(self.prediction)
+        self.changed.emit()
+        return self.rank
+
+    def commit(self) -> CommitResult:
+        """Write the shown object(s) into the target Labels layer (one undo step) and
+        clear this slice's prompts. Returns what was written."""
+        if self.prediction is None or self.plane is None:
+            self._status("nothing to commit: add a point or a box first")
+            return CommitResult([], [], [])
+        masks = self.prediction.masks(self.rank)
+        masks = masks[masks.reshape(len(masks), -1).any(axis=1)]
+        if len(masks) == 0:
+            self._status("nothing to commit: the mask is empty")
+            return CommitResult([], [], [])
+        if self.labels_layer is None or self.labels_layer not in self.viewer.layers:
+            with self._keep_active_layer():
+                self.labels_layer = ensure_labels_layer(self.viewer, self.image_layer)
+        refining = self.refine_id is not None and len(masks) == 1
+        result = commit_masks(self.labels_layer, self.image_layer, self.plane, masks,
+                              [self.refine_id] if refining else None, self.overwrite,
+                              self.refine_id if refining else None)
+        kept = f"; {sum(result.skipped)} px kept from existing labels" if sum(result.skipped) else ""
+        self.clear(status=False)
+        self._status(f"committed label(s) {result.label_ids} to '{self.labels_layer.name}'{kept}")
+        return result
+
+    def clear(self, status: bool = True) -> None:
+        """Remove the prompts of the shown slice and the preview; stop refining."""
+        self.refine_id = self._refine_mask = None
+        if self.plane is not None and self.image_layer is not None:
+            with self._mute():
+                for prompts in (self.points_layer, self.boxes_layer):
+                    if prompts is not None:
+                        remove_prompts(prompts, prompt_indices_on_plane(prompts, self.image_layer, self.plane))
+        self.prediction, self.rank = None, 0
+        self._show(None)
+        if status:
+            self._status("prompts cleared")
+        self.changed.emit()
+
+    def refine_label(self, label_id: int) -> bool:
+        """Start refining object ``label_id`` of the target labels on the shown slice: it is
+        used as SAM's mask input for the next prompts, and commit replaces it."""
+        if self.labels_layer is None or self.plane is None or self.image_layer is None:
+            self._status("choose an image and a target labels layer first")
+            return False
+        mask = label_mask_on_plane(self.labels_layer, self.image_layer, self.plane, int(label_id))
+        if not mask.any():
+            self._status(f"label {label_id} is not on this slice")
+            return False
+        self.refine_id, self._refine_mask = int(label_id), mask
+        self._status(f"refining label {label_id}: add points, then commit")
+        self.update_preview()
+        return True
+
+    def pick_label_at(self, position_world) -> bool:
+        """Refine the object of the target labels under ``position_world`` (world coords)."""
+        if self.labels_layer is None:
+            self._status("choose a target labels layer first")
+            return False
+        value = self.labels_layer.get_value(self.world_position(position_world), world=True)
+        if not value:
+            self._status("no label there to refine")
+            return False
+        return self.refine_label(int(value))

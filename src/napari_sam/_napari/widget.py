@@ -1,0 +1,357 @@
+"""The "Segment Anything" dock widget: prompts in, live masks, objects into Labels.
+
+Everything it does is also a method, for scripts and notebooks (no clicks needed)::
+
+    widget = SegmentAnythingWidget(viewer)        # or: viewer.window.add_plugin_dock_widget(
+                                                  #        "napari-sam", "Segment Anything")[1]
+    widget.load_model("vit_t")                    # or widget.set_model(build_sam(...))
+    widget.set_image_layer(viewer.layers["cells"])
+    widget.encode_current_slice(wait=True)        # blocking; the GUI uses a worker
+    widget.add_point((120.0, 64.0))               # world (row, col) on the shown slice
+    widget.add_box((10, 10), (60, 90))            # two opposite world corners
+    result = widget.commit()                      # -> CommitResult(label_ids=[1, 2], ...)
+    viewer.layers["SAM labels"].undo()            # napari's own undo restores the labels
+
+Keys (viewer-wide while the widget lives): N toggles point polarity, K cycles the
+candidate masks, Shift-Enter commits, Shift-X clears the slice's prompts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from napari.layers import Image, Labels
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .labels_io import CommitResult
+from .prompt_layers import PREVIEW_ROLE, has_role
+from .segmenter import InteractiveSegmenter
+from .session import SamSession, session_for
+
+MODEL_CHOICES = (("vit_t", "vit_t — MobileSAM (fast on CPU)"), ("vit_b", "vit_b — SAM base"),
+                 ("vit_l", "vit_l — SAM large"), ("vit_h", "vit_h — SAM huge"))
+NEW_LABELS = "new layer: SAM labels"
+
+
+class SegmentAnythingWidget(QWidget):
+    """Interactive Segment Anything for ``napari_viewer``.
+
+    Args:
+        napari_viewer: the viewer (napari passes it when docking).
+        session: the :class:`SamSession` to use; default ``session_for(napari_viewer)``,
+            shared with the other napari-sam widgets of the viewer.
+    """
+
+    KEYS = {"N": "toggle_polarity", "K": "next_candidate", "Shift-Enter": "commit", "Shift-X": "clear"}
+
+    def __init__(self, napari_viewer, session: SamSession | None = None) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = session if session is not None else session_for(napari_viewer)
+        self.segmenter = InteractiveSegmenter(napari_viewer, self.session)
+        self._load_worker = None
+        self._build_ui()
+        self.segmenter.changed.connect(self._update_ui)
+        self.segmenter.status.connect(self._on_status)
+        self.session.model_changed.connect(self._on_model_changed)
+        events = napari_viewer.layers.events
+        for ev in (events.inserted, events.removed, events.reordered):
+            ev.connect(self._refresh_layer_choices)
+        self._cleanup = _Cleanup(self.segmenter, napari_viewer, self._bind_keys(),
+                                 self._refresh_layer_choices, self._on_model_changed)
+        self.destroyed.connect(self._cleanup)
+        self._refresh_layer_choices()
+        self._on_model_changed(self.session.model)
+
+    # ------------------------------------------------------------------ UI
+    def _build_ui(self) -> None:
+        layout = QVBoxLayout(self)
+        model_box = QGroupBox("Model")
+        form = QFormLayout(model_box)
+        self._model_type = QComboBox()
+        for value, text in MODEL_CHOICES:
+            self._model_type.addItem(text, value)
+        self._checkpoint = QLineEdit()
+        self._checkpoint.setPlaceholderText("official weights (downloaded once)")
+        browse = QPushButton("…")
+        browse.setMaximumWidth(30)
+        browse.clicked.connect(self._browse_checkpoint)
+        row = QHBoxLayout()
+        row.addWidget(self._checkpoint)
+        row.addWidget(browse)
+        self._device = QComboBox()
+        self._device.addItems(["auto", "cpu", "cuda", "mps"])
+        self._load_button = QPushButton("Load model")
+        self._load_button.clicked.connect(lambda: self.load_model(wait=False))
+        self._model_label = QLabel("no model loaded")
+        form.addRow("Model", self._model_type)
+        form.addRow("Checkpoint", row)
+        form.addRow("Device", self._device)
+        form.addRow(self._load_button, self._model_label)
+        layout.addWidget(model_box)
+
+        data_box = QGroupBox("Data")
+        form = QFormLayout(data_box)
+        self._image_combo = QComboBox()
+        self._image_combo.activated.connect(lambda _i: self.set_image_layer(self._image_combo.currentData()))
+        self._labels_combo = QComboBox()
+        self._labels_combo.activated.connect(lambda _i: self.set_labels_layer(self._labels_combo.currentData()))
+        self._overwrite = QCheckBox("overwrite existing labels")
+        self._overwrite.toggled.connect(lambda on: setattr(self.segmenter, "overwrite", bool(on)))
+        self._cache = QSpinBox()
+        self._cache.setRange(1, 1024)
+        self._cache.setValue(self.session.cache_size)
+        self._cache.setSuffix(" slices")
+        self._cache.valueChanged.connect(lambda v: setattr(self.session, "cache_size", int(v)))
+        form.addRow("Image", self._image_combo)
+        form.addRow("Labels", self._labels_combo)
+        form.addRow("", self._overwrite)
+        form.addRow("Embedding cache", self._cache)
+        layout.addWidget(data_box)
+
+        prompt_box = QGroupBox("Prompts")
+        grid = QVBoxLayout(prompt_box)
+        self._polarity = QPushButton("Positive points (N)")
+        self._polarity.setCheckable(True)
+        self._polarity.setChecked(True)
+        self._polarity.clicked.connect(lambda on: self.set_positive(bool(on)))
+        self._candidate = QPushButton("Next candidate (K)")
+        self._candidate.clicked.connect(self.next_candidate)
+        self._commit = QPushButton("Commit (Shift-Enter)")
+        self._commit.clicked.connect(self.commit)
+        self._clear = QPushButton("Clear (Shift-X)")
+        self._clear.clicked.connect(self.clear)
+        self._refine = QPushButton("Refine a label: click it")
+        self._refine.setCheckable(True)
+        self._refine.toggled.connect(self._arm_pick)
+        for a, b in ((self._polarity, self._candidate), (self._commit, self._clear)):
+            row = QHBoxLayout()
+            row.addWidget(a)
+            row.addWidget(b)
+            grid.addLayout(row)
+        grid.addWidget(self._refine)
+        layout.addWidget(prompt_box)
+        self._status = QLabel("choose an image and load a model")
+        self._status.setWordWrap(True)
+        layout.addWidget(self._status)
+        help_text = QLabel("Click points on the 'SAM points' layer, draw rectangles on 'SAM boxes'. "
+                           "Several boxes give several objects. 3D stacks: prompt slice by slice in 2D view.")
+        help_text.setWordWrap(True)
+        help_text.setStyleSheet("color: gray;")
+        layout.addWidget(help_text)
+        layout.addStretch(1)
+
+    def _browse_checkpoint(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "SAM checkpoint", "", "Checkpoints (*.pth *.pt);;All files (*)")
+        if path:
+            self._checkpoint.setText(path)
+
+    def _refresh_layer_choices(self, event=None) -> None:
+        if event is not None and getattr(event, "type", "") == "inserted":
+            event.value.events.name.connect(self._refresh_layer_choices)  # renames show up
+        for combo, kind, extra in ((self._image_combo, Image, None), (self._labels_combo, Labels, NEW_LABELS)):
+            current = combo.currentData()
+            combo.clear()
+            if extra:
+                combo.addItem(extra, None)
+            for layer in self.viewer.layers:
+                if isinstance(layer, kind) and not has_role(layer, PREVIEW_ROLE):
+                    combo.addItem(layer.name, layer)
+            index = combo.findData(current) if current is not None else -1
+            combo.setCurrentIndex(max(index, 0))
+        if self.segmenter.image_layer is None and self._image_combo.count():
+            self.set_image_layer(self._image_combo.currentData())
+        self._sync_combos()
+
+    def _sync_combos(self) -> None:
+        for combo, layer in ((self._image_combo, self.segmenter.image_layer),
+                             (self._labels_combo, self.segmenter.labels_layer)):
+            index = combo.findData(layer) if layer is not None else (0 if combo is self._labels_combo else -1)
+            if index >= 0:
+                combo.setCurrentIndex(index)
+
+    def _on_status(self, message: str) -> None:
+        self._status.setText(message)
+
+    def _update_ui(self) -> None:
+        seg = self.segmenter
+        self._polarity.setChecked(seg.positive)
+        self._polarity.setText("Positive points (N)" if seg.positive else "Negative points (N)")
+        pred = seg.prediction
+        self._candidate.setEnabled(pred is not None and pred.num_candidates > 1)
+        self._commit.setEnabled(pred is not None)
+        self._sync_combos()
+
+    def _on_model_changed(self, model=None) -> None:
+        if model is None:
+            self._model_label.setText("no model loaded")
+        else:
+            self._model_label.setText(f"{getattr(model, 'model_type', type(model).__name__)} on {getattr(model, 'device', '?')}")
+
+    def _bind_keys(self) -> dict:
+        previous = {}
+        for key, method in self.KEYS.items():
+            action = getattr(self, method)
+            previous[key] = self.viewer.bind_key(key, lambda _viewer, a=action: a(), overwrite=True)
+        return previous
+
+    def _arm_pick(self, armed: bool) -> None:
+        callbacks = self.viewer.mouse_drag_callbacks
+        if armed and self._pick not in callbacks:
+            if self.segmenter.points_layer is not None:
+                self._points_mode = self.segmenter.points_layer.mode
+                self.segmenter.points_layer.mode = "pan_zoom"
+            callbacks.append(self._pick)
+            self._status.setText("click an object of the labels layer to refine it")
+        elif not armed and self._pick in callbacks:
+            callbacks.remove(self._pick)
+            if self.segmenter.points_layer is not None:
+                self.segmenter.points_layer.mode = getattr(self, "_points_mode", "add")
+
+    def _pick(self, viewer, event) -> None:
+        self.pick_label_at(event.position)
+        self._refine.setChecked(False)
+
+    # ------------------------------------------------------------------ scripting API
+    def set_model(self, model) -> None:
+        """Use an already built model (``build_sam(...)``, or any object with its engine
+        interface). Shared with the viewer's other napari-sam widgets."""
+        self.session.set_model(model)
+
+    def load_model(self, model_type: str | None = None, checkpoint=None, device=None,
+                   precision: str = "auto", wait: bool = True):
+        """Build and use a model: ``model_type`` "vit_t" | "vit_b" | "vit_l" | "vit_h",
+        ``checkpoint`` a local file (None = official weights, downloaded once), ``device``
+        "auto" | "cpu" | "cuda" | "mps". Unset arguments come from the widget's fields.
+        ``wait=False`` loads in a worker (the button does) and returns the worker."""
+        from ..engine import build_sam
+
+        model_type = model_type or self._model_type.currentData()
+        checkpoint = checkpoint or (self._checkpoint.text().strip() or None)
+        device = device or self._device.currentText()
+        if wait:
+            return self.session.load_model(model_type, checkpoint, device, precision)
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(build_sam, model_type, checkpoint=checkpoint, device=device,
+                               precision=precision, _start_thread=False,
+                               _progress={"desc": f"SAM: loading {model_type}"})
+        worker.returned.connect(self.session.set_model)
+        worker.errored.connect(lambda exc: self._status.setText(f"could not load the model: {exc}"))
+        worker.finished.connect(lambda: self._load_button.setEnabled(True))
+        self._load_button.setEnabled(False)
+        self._status.setText(f"loading {model_type}…")
+        self._load_worker = worker
+        worker.start()
+        return worker
+
+    def set_image_layer(self, layer) -> None:
+        """Segment this Image layer (2D, 3D, time series, RGB; any dtype)."""
+        self.segmenter.set_image_layer(layer)
+        self._sync_combos()
+
+    def set_labels_layer(self, layer) -> None:
+        """Commit into this Labels layer (None: a new "SAM labels" layer on first commit)."""
+        self.segmenter.labels_layer = layer
+        self._sync_combos()
+
+    def set_overwrite(self, overwrite: bool) -> None:
+        """Let commits paint over existing non-zero labels (off by default)."""
+        self._overwrite.setChecked(bool(overwrite))
+        self.segmenter.overwrite = bool(overwrite)
+
+    def encode_current_slice(self, wait: bool = False) -> bool:
+        """Encode the shown slice (no-op when cached). ``wait=True`` blocks until done;
+        otherwise a background worker runs. Returns True when the embedding is ready."""
+        return self.segmenter.request_encoding(wait=wait)
+
+    def wait_for_encoding(self, timeout: float = 120.0) -> bool:
+        """Process Qt events until the background encoding finished (False on timeout)."""
+        return self.segmenter.wait_for_encoding(timeout)
+
+    def add_point(self, position_world, positive: bool | None = None) -> bool:
+        """Add a prompt point at ``position_world`` (world coordinates; (row, col) means the
+        shown slice). ``positive`` None uses the current polarity. A point outside the
+        image is not added (status message). Returns True when added."""
+        return self.segmenter.add_point(position_world, positive)
+
+    def add_box(self, corner0_world, corner1_world) -> bool:
+        """Add a box prompt from two opposite corners (world coordinates; (row, col) means
+        the shown slice). Several boxes give several objects."""
+        return self.segmenter.add_box(corner0_world, corner1_world)
+
+    def set_positive(self, positive: bool) -> None:
+        """Polarity of the next clicked points (True: object, False: background)."""
+        self.segmenter.positive = positive
+
+    def toggle_polarity(self) -> None:
+        self.segmenter.positive = not self.segmenter.positive
+
+    def next_candidate(self) -> int:
+        """Show the next candidate mask (by predicted IoU); returns its rank (0 = best)."""
+        return self.segmenter.next_candidate()
+
+    def commit(self) -> CommitResult:
+        """Write the previewed object(s) to the labels layer (one undo step)."""
+        return self.segmenter.commit()
+
+    def clear(self) -> None:
+        """Remove the shown slice's prompts and the preview."""
+        self.segmenter.clear()
+
+    def refine_label(self, label_id: int) -> bool:
+        """Refine an existing object of the target labels layer with new prompts."""
+        return self.segmenter.refine_label(label_id)
+
+    def pick_label_at(self, position_world) -> bool:
+        """Refine the object under ``position_world`` in the target labels layer."""
+        return self.segmenter.pick_label_at(position_world)
+
+    @property
+    def current_masks(self) -> np.ndarray | None:
+        """(K, H, W) bool masks of the previewed objects on the shown slice, or None."""
+        pred = self.segmenter.prediction
+        return None if pred is None else pred.masks(self.segmenter.rank)
+
+    def cleanup(self) -> None:
+        """Unhook from the viewer (keys, events) and the session; runs by itself when the
+        widget is destroyed. The layers stay."""
+        self._cleanup()
+
+    @property
+    def status(self) -> str:
+        """The last message shown to the user."""
+        return self.segmenter.last_status
+
+
+class _Cleanup:
+    """Runs when the widget's Qt object is destroyed: unhook it from viewer and session."""
+
+    def __init__(self, segmenter, viewer, bindings, refresh, on_model) -> None:
+        self.args = (segmenter, viewer, bindings, refresh, on_model)
+
+    def __call__(self, *_args) -> None:
+        if self.args is None:
+            return
+        segmenter, viewer, bindings, refresh, on_model = self.args
+        self.args = None
+        segmenter.close()
+        for ev in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.reordered):
+            ev.disconnect(refresh)
+        for layer in viewer.layers:
+            layer.events.name.disconnect(refresh)
+        segmenter.session.model_changed.disconnect(on_model)
+        for key, previous in bindings.items():
+            viewer.bind_key(key, previous, overwrite=True)
