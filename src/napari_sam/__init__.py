@@ -13,15 +13,18 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
 
-from .engine import ImageEmbedding, SamPredictor, build_sam
+from .engine import EmbeddingStore, ImageEmbedding, SamPredictor, build_sam, interpolate, propagate
 from .model.checkpoint import CheckpointError
 from .engine.weights import CheckpointDownloadError
 
 __all__ = [
     "CheckpointDownloadError",
     "CheckpointError",
+    "EmbeddingStore",
     "ImageEmbedding",
     "SamPredictor",
     "__version__",
     "build_sam",
+    "interpolate",
+    "propagate",
 ]

@@ -1,21 +1,43 @@
-"""numpy in, numpy out: predictor, normalisation, weights, devices (no napari, no Qt)."""
+"""numpy in, numpy out: predictor, normalisation, weights, devices, volumes (no napari, no Qt)."""
 
 from .build import build_sam
 from .cache import EmbeddingCache, EmbeddingKey
 from .device import choose_device, choose_precision
 from .predictor import ImageEmbedding, SamPredictor
+from .stack import VolumeEmbeddings
+from .store import (
+    EmbeddingStore,
+    StoreError,
+    StoreMismatchError,
+    StoreStatus,
+    StoreWriteError,
+    read_store_info,
+)
+from .volume import PromptStrategy, PropagationResult, interpolate, propagate, run_generator
 from .weights import CHECKPOINTS, CheckpointDownloadError, cache_dir, fetch_checkpoint
 
 __all__ = [
     "CHECKPOINTS",
+    "CheckpointDownloadError",
     "EmbeddingCache",
     "EmbeddingKey",
-    "CheckpointDownloadError",
+    "EmbeddingStore",
     "ImageEmbedding",
+    "PromptStrategy",
+    "PropagationResult",
     "SamPredictor",
+    "StoreError",
+    "StoreMismatchError",
+    "StoreStatus",
+    "StoreWriteError",
+    "VolumeEmbeddings",
     "build_sam",
     "cache_dir",
     "choose_device",
     "choose_precision",
     "fetch_checkpoint",
+    "interpolate",
+    "propagate",
+    "read_store_info",
+    "run_generator",
 ]
