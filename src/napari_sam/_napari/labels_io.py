@@ -155,3 +155,44 @@ def commit_masks(
             skipped.append(int((~allowed).sum()))
     labels.refresh()
     return CommitResult(ids, pixels, skipped)
+
+
+def commit_stack(
+    labels: Labels,
+    image,
+    planes: list[SlicePlane],
+    masks_hw: np.ndarray,
+    label_id: int | None = None,
+    overwrite: bool = False,
+) -> CommitResult:
+    """Write ONE object spanning several image planes (a propagated 3D object) into
+    ``labels`` as one undoable step, with one id.
+
+    Args:
+        planes: K planes of the image (e.g. consecutive z slices).
+        masks_hw: (K, H, W) bool, the object on each plane, in the image plane's pixels.
+        label_id: the id to use (None: the next free id).
+        overwrite: also paint over pixels that already hold another label.
+    Returns: a :class:`CommitResult` with one entry (pixels summed over the planes).
+    """
+    masks_hw = np.asarray(masks_hw, dtype=bool)
+    if masks_hw.ndim != 3 or len(planes) != len(masks_hw):
+        raise ValueError(f"expected (K, H, W) masks for {len(planes)} planes, got {masks_hw.shape}")
+    data = base_data(labels)
+    dtype_max = np.iinfo(data.dtype).max if np.issubdtype(data.dtype, np.integer) else np.inf
+    wanted = int(label_id) if label_id is not None else next_free_id(labels)
+    if wanted > dtype_max:
+        raise ValueError(f"expected label ids <= {dtype_max} for {data.dtype} labels, got {wanted}")
+    pixels = skipped = 0
+    with labels.block_history():
+        for plane, mask in zip(planes, masks_hw):
+            if mask.shape != tuple(plane.shape_hw):
+                raise ValueError(f"expected masks of shape {plane.shape_hw}, got {mask.shape}")
+            idx = _Mapper(labels, image, plane).indices(mask)
+            current = np.asarray(data[idx])
+            allowed = (current == 0) | (current == wanted) | overwrite
+            labels.data_setitem(tuple(a[allowed] for a in idx), wanted, refresh=False)
+            pixels += int(allowed.sum())
+            skipped += int((~allowed).sum())
+    labels.refresh()
+    return CommitResult([wanted], [pixels], [skipped])

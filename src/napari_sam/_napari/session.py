@@ -64,6 +64,7 @@ class SamSession:
         self._versions: dict[object, int] = {}
         self._watched: weakref.WeakSet = weakref.WeakSet()
         self._lock = threading.Lock()
+        self._stores: dict[object, object] = {}  # layer id -> EmbeddingStore
 
     # ------------------------------------------------------------------ model
     @property
@@ -130,6 +131,7 @@ class SamSession:
     def invalidate_layer(self, layer) -> int:
         """Forget every embedding of ``layer`` (call it after editing its data in place)."""
         lid = _layer_id(layer)
+        self._stores.pop(lid, None)  # made for the old data
         dropped = sum(self.cache.invalidate(source=k.source) for k in self.cache.keys() if k.source[0] == lid)
         self._versions[lid] = self._versions.get(lid, 0) + 1
         return dropped
@@ -193,6 +195,34 @@ class SamSession:
             worker.start()
         return worker
 
+    # ------------------------------------------------------------------ stores
+    def attach_store(self, layer, store) -> None:
+        """Serve ``layer``'s slices from ``store`` (an :class:`~napari_sam.engine.store.
+        EmbeddingStore` of the layer's 3D data, stack axis = the hidden axis): a stored slice
+        costs no encoder call, a missing one is encoded and stored. Used only while the
+        model and the layer's contrast match the store's. None detaches."""
+        if store is None:
+            self._stores.pop(_layer_id(layer), None)
+        else:
+            self._stores[_layer_id(layer)] = store
+
+    def store_for(self, layer):
+        """The store attached to ``layer``, or None."""
+        return self._stores.get(_layer_id(layer))
+
+    def _store_index(self, layer, plane: SlicePlane, key: EmbeddingKey):
+        """(store, slice index) when ``plane`` can come from the layer's store, else None."""
+        store = self._stores.get(_layer_id(layer))
+        if store is None or store.predictor.model is not self._model or plane.ndim != 3:
+            return None
+        axis = store.view.axis
+        if tuple(plane.axes_rc) != tuple(a for a in range(3) if a != axis):
+            return None  # transposed view: not the stored orientation
+        limits = None if key.normalisation == ("uint8",) else tuple(key.normalisation[1:])
+        if limits != (None if store.contrast_limits is None else tuple(store.contrast_limits)):
+            return None
+        return store, plane.index[axis]
+
     def _encode_returning_key(self, layer, plane, key):
         return key, self._encode(layer, plane, key)
 
@@ -202,6 +232,12 @@ class SamSession:
         predictor = self._predictor
         if predictor is None:
             raise RuntimeError("no model is loaded: call load_model() or set_model() first")
+        stored = self._store_index(layer, plane, key)
+        if stored is not None:
+            embedding = stored[0].embedding(stored[1])  # from disk, or encoded and stored
+            if predictor is self._predictor:
+                self.cache.put(key, embedding)
+            return embedding
         image = plane_image(layer, plane)
         limits = None if key.normalisation == ("uint8",) else key.normalisation[1:]
         embedding = predictor.encode_image(image, contrast_limits=limits)

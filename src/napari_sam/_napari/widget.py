@@ -39,6 +39,7 @@ from .labels_io import CommitResult
 from .prompt_layers import PREVIEW_ROLE, has_role
 from .segmenter import InteractiveSegmenter
 from .session import SamSession, session_for
+from .volume_panel import VolumePanel
 
 MODEL_CHOICES = (("vit_t", "vit_t — MobileSAM (fast on CPU)"), ("vit_b", "vit_b — SAM base"),
                  ("vit_l", "vit_l — SAM large"), ("vit_h", "vit_h — SAM huge"))
@@ -143,6 +144,8 @@ class SegmentAnythingWidget(QWidget):
             grid.addLayout(row)
         grid.addWidget(self._refine)
         layout.addWidget(prompt_box)
+        self.volume = VolumePanel(self)  # propagation, embedding store
+        layout.addWidget(self.volume)
         self._status = QLabel("choose an image and load a model")
         self._status.setWordWrap(True)
         layout.addWidget(self._status)
@@ -319,6 +322,19 @@ class SegmentAnythingWidget(QWidget):
         """Refine the object under ``position_world`` in the target labels layer."""
         return self.segmenter.pick_label_at(position_world)
 
+    def propagate(self, wait: bool = False, stop_range=None):
+        """Propagate the previewed object through the stack and commit it as one label
+        (one undo step); see :meth:`VolumePanel.propagate`."""
+        return self.volume.propagate(wait=wait, stop_range=stop_range)
+
+    def open_store(self, path, wait: bool = False):
+        """Open/create an embedding store for the image; see :meth:`VolumePanel.open_store`."""
+        return self.volume.open_store(path, wait=wait)
+
+    def precompute_store(self, wait: bool = False):
+        """Encode the stack's missing slices into the store (:meth:`VolumePanel.precompute`)."""
+        return self.volume.precompute(wait=wait)
+
     @property
     def current_masks(self) -> np.ndarray | None:
         """(K, H, W) bool masks of the previewed objects on the shown slice, or None."""
@@ -328,6 +344,7 @@ class SegmentAnythingWidget(QWidget):
     def cleanup(self) -> None:
         """Unhook from the viewer (keys, events) and the session; runs by itself when the
         widget is destroyed. The layers stay."""
+        self.volume.cancel()
         self._cleanup()
 
     @property
