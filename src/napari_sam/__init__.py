@@ -14,6 +14,7 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
 
 from .engine import EmbeddingStore, ImageEmbedding, SamPredictor, build_sam, interpolate, propagate
+from .engine.automatic import SamAutomaticMaskGenerator
 from .model.checkpoint import CheckpointError
 from .engine.weights import CheckpointDownloadError
 
@@ -22,6 +23,7 @@ __all__ = [
     "CheckpointError",
     "EmbeddingStore",
     "ImageEmbedding",
+    "SamAutomaticMaskGenerator",
     "SamPredictor",
     "__version__",
     "build_sam",

@@ -1,0 +1,166 @@
+"""napari-sam everything INPUT -o LABELS.tif: segment everything, without a viewer.
+
+INPUT is a 2D image ((H, W) grayscale or (H, W, 3|4) colour) or a stack ((N, H, W) or
+(N, H, W, 3|4)) in .tif/.tiff, .png/.jpg, .npy or .zarr. A stack is segmented slice by
+slice and objects overlapping in consecutive slices share one id (--link-iou). The output
+is a label image of the same spatial shape (uint16, or uint32 above 65535 objects).
+
+Exit codes: 0 done, 1 failed while computing or writing (e.g. weights download), 2 bad
+input or arguments, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+MODELS = ("vit_b", "vit_l", "vit_h", "vit_t")
+# flag: (type, default, help) — the generator's own parameters and defaults
+GENERATOR_FLAGS = {
+    "points_per_side": (int, 32, "grid points per image side"),
+    "points_per_batch": (int, 64, "prompts decoded together"),
+    "pred_iou_thresh": (float, 0.88, "minimum predicted mask quality"),
+    "stability_score_thresh": (float, 0.95, "minimum stability score"),
+    "stability_score_offset": (float, 1.0, "logit shift used by the stability score"),
+    "box_nms_thresh": (float, 0.7, "box IoU above which the worse of two masks is dropped"),
+    "crop_n_layers": (int, 0, "also run on 2^n x 2^n crops (small objects; slower)"),
+    "crop_nms_thresh": (float, 0.7, "box IoU for duplicates between crops"),
+    "crop_overlap_ratio": (float, 512 / 1500, "overlap of neighbouring crops"),
+    "crop_n_points_downscale_factor": (int, 1, "fewer points per side in crop layers"),
+    "min_mask_region_area": (int, 0, "fill holes / drop islands smaller than this (pixels)"),
+}
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "everything",
+        help="segment everything in a 2D image or a stack into a label image",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", help="image or stack: .tif/.tiff, .png/.jpg, .npy or .zarr")
+    p.add_argument("-o", "--output", required=True, help="output label image (.tif/.tiff)")
+    p.add_argument("--model", default="vit_b", choices=MODELS, help="model type (default vit_b)")
+    p.add_argument("--checkpoint", help="checkpoint file (default: official one, downloaded once)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="image encoder precision")
+    for name, (kind, default, help_text) in GENERATOR_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default,
+                       help=f"{help_text} (default {default:.4g})")
+    p.add_argument("--min-size", type=int, default=0, help="drop objects with fewer visible pixels")
+    p.add_argument("--link-iou", type=float, default=0.25,
+                   help="stack: IoU for objects of consecutive slices to share an id")
+    p.add_argument("--rgb", default="auto", choices=("auto", "yes", "no"),
+                   help="is a last axis of size 3 or 4 colour? (auto: yes)")
+    p.add_argument("--contrast-limits", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                   help="map LOW..HIGH to 0..255 (default: robust percentiles of the input)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def read_input(path: Path):
+    """The input as an array (lazily read for .tif/.npy/.zarr where possible)."""
+    if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        if not path.exists():
+            raise ValueError(f"expected an existing input file, got {path} (not found)")
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return np.asarray(img)
+    from .embed import read_stack
+
+    return read_stack(path)
+
+
+def as_stack(data, rgb: str):
+    """(N, H, W[, C]) view of the input and whether it was a single 2D image."""
+    shape = tuple(data.shape)
+    colour = len(shape) >= 3 and shape[-1] in (3, 4) and rgb != "no"
+    if rgb == "yes" and not colour:
+        raise ValueError(f"expected a last axis of size 3 or 4 with --rgb yes, got shape {shape}")
+    spatial = len(shape) - colour
+    if spatial == 2:
+        return data[None], True
+    if spatial == 3:
+        return data, False
+    raise ValueError(f"expected (H, W), (H, W, 3|4), (N, H, W) or (N, H, W, 3|4), got shape {shape}")
+
+
+def robust_limits(stack) -> tuple[float, float] | None:
+    """Contrast limits shared by every slice (robust percentiles of up to 8 slices); None
+    for uint8 data, which SAM takes as it is."""
+    from ..engine.image import ROBUST_PERCENTILES
+
+    if np.dtype(stack.dtype) == np.uint8:
+        return None
+    picks = np.unique(np.linspace(0, len(stack) - 1, min(8, len(stack))).astype(int))
+    sample = np.concatenate([np.asarray(stack[i], dtype=np.float32).ravel() for i in picks])
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        raise ValueError("expected an image with finite values, got only NaN/inf")
+    lo, hi = (float(v) for v in np.percentile(sample, ROBUST_PERCENTILES))
+    return (lo, hi) if hi > lo else (float(sample.min()), float(sample.max()))
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from .. import engine
+    from ..engine.automatic import SamAutomaticMaskGenerator, segment_stack
+    from ..engine.weights import CheckpointDownloadError
+    from ..model.checkpoint import CheckpointError
+
+    def fail(code: int, message: str) -> int:
+        print(f"napari-sam everything: error: {message}", file=sys.stderr)
+        return code
+
+    output = Path(args.output)
+    if output.suffix.lower() not in (".tif", ".tiff"):
+        return fail(2, f"expected an output ending in .tif or .tiff, got {output.name}")
+    try:
+        stack, single = as_stack(read_input(Path(args.input)), args.rgb)
+        limits = tuple(args.contrast_limits) if args.contrast_limits else robust_limits(stack)
+    except (ValueError, OSError) as exc:
+        return fail(2, f"cannot read {args.input}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a corrupt file: say so, no traceback
+        return fail(2, f"cannot read {args.input}: {type(exc).__name__}: {exc}")
+    try:
+        model = engine.build_sam(args.model, args.checkpoint, device=args.device, precision=args.precision)
+        params = {name: getattr(args, name) for name in GENERATOR_FLAGS}
+        generator = SamAutomaticMaskGenerator(model, **params)
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
+        return fail(2, str(exc))
+    except CheckpointDownloadError as exc:
+        return fail(1, str(exc))
+
+    job = segment_stack(generator, stack, contrast_limits=limits, link_iou=args.link_iou, min_size=args.min_size)
+    bar = tqdm(total=0, unit="step", desc="everything", disable=args.quiet, file=sys.stderr)
+    try:
+        with bar:
+            while True:
+                try:
+                    step = next(job)
+                except StopIteration as stop:
+                    labels = stop.value
+                    break
+                bar.total = step.total
+                bar.set_postfix_str(step.message, refresh=False)
+                bar.update(step.done - bar.n)
+    except ValueError as exc:
+        return fail(2, str(exc))
+    labels = labels[0] if single else labels
+    dtype = np.uint16 if labels.max(initial=0) <= np.iinfo(np.uint16).max else np.uint32
+    try:
+        import tifffile
+
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(output, labels.astype(dtype), compression="zlib")
+    except OSError as exc:
+        return fail(1, f"cannot write {output}: {exc}")
+    n = len(np.unique(labels)) - (labels.min(initial=0) == 0)
+    print(f"{n} objects in {output} ({labels.shape}, {np.dtype(dtype).name})", file=sys.stderr)
+    return 0

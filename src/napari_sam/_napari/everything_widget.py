@@ -1,0 +1,320 @@
+"""The "Segment Everything" dock widget: SAM's automatic masks into a Labels layer.
+
+A first pass over a whole image or stack, to correct afterwards with the interactive
+"Segment Anything" widget (same session: same model, same cached embeddings).
+Everything it does is also a method, for scripts and notebooks::
+
+    widget = SegmentEverythingWidget(viewer)     # or add_plugin_dock_widget("napari-sam", "Segment Everything")
+    widget.session.load_model("vit_t")            # shared with the interactive widget
+    widget.set_image_layer(viewer.layers["cells"])
+    widget.set_params(points_per_side=32, pred_iou_thresh=0.86)
+    labels = widget.run(scope="stack", wait=True)  # -> the Labels layer written
+
+``scope="slice"`` segments the slice the viewer shows; ``"stack"`` every slice along the
+last non-displayed axis (z of a (Z, Y, X) stack, t of a (T, Y, X) series, z at the
+current t of (T, Z, Y, X)), linking overlapping objects of consecutive slices into one id.
+New objects get ids above the layer's current maximum and, unless "overwrite" is on, only
+fill unlabelled pixels. The write is one step of the layer's undo history; a cancelled
+run writes nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from napari.layers import Image, Labels
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..engine.automatic import Progress, SamAutomaticMaskGenerator, run_to_end, segment_stack
+from ..engine.label_image import masks_to_label_image
+from .geometry import PlaneError, base_data, current_plane, mask_indices, plane_image, spatial_shape
+from .prompt_layers import PREVIEW_ROLE, copy_spatial, has_role
+from .session import SamSession, SliceEmbeddings, normalisation, session_for
+
+NEW_LABELS = "new layer: SAM everything"
+SCOPES = (("slice", "current slice"), ("stack", "whole stack (z or t), linked"))
+
+# name: (default, minimum, maximum, step or None for ints, help)
+PARAMS = {
+    "points_per_side": (32, 1, 128, None, "grid of points per image side (32 x 32 = 1024 prompts)"),
+    "points_per_batch": (64, 1, 1024, None, "prompts decoded together (memory vs speed)"),
+    "pred_iou_thresh": (0.88, 0.0, 1.0, 0.01, "keep masks whose predicted quality is above this"),
+    "stability_score_thresh": (0.95, 0.0, 1.0, 0.01, "keep masks that stay the same when the cut-off moves"),
+    "box_nms_thresh": (0.7, 0.0, 1.0, 0.05, "drop a mask whose box overlaps a better one more than this"),
+    "crop_n_layers": (0, 0, 3, None, "also run on 2^n x 2^n zoomed crops (finds small objects; slower)"),
+    "min_mask_region_area": (0, 0, 100000, None, "fill holes / drop islands smaller than this (pixels)"),
+    "min_size": (0, 0, 100000, None, "drop objects with fewer visible pixels in the label image"),
+    "link_iou": (0.25, 0.01, 1.0, 0.05, "stack: objects of neighbouring slices overlapping this much share an id"),
+}
+
+
+class _PlaneStack:
+    """The planes of one stack axis of an image layer, read one at a time."""
+
+    def __init__(self, layer, slices: SliceEmbeddings) -> None:
+        self.layer, self.slices = layer, slices
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return plane_image(self.layer, self.slices.plane(i))
+
+
+class SegmentEverythingWidget(QWidget):
+    """Segment everything in an image layer (a slice or a stack) into a Labels layer.
+
+    Args:
+        napari_viewer: the viewer (napari passes it when docking).
+        session: the :class:`SamSession` to use; default ``session_for(napari_viewer)``,
+            shared with the interactive widget (model and embeddings are reused).
+    """
+
+    def __init__(self, napari_viewer, session: SamSession | None = None) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = session if session is not None else session_for(napari_viewer)
+        self.worker = None
+        self._build_ui()
+        events = napari_viewer.layers.events
+        for ev in (events.inserted, events.removed, events.reordered):
+            ev.connect(self._refresh_layers)
+        self.session.model_changed.connect(self._show_model)
+        self.destroyed.connect(_cleanup(napari_viewer, self.session, self._refresh_layers, self._show_model, self.cancel))
+        self._refresh_layers()
+        self._show_model(self.session.model)
+
+    # ------------------------------------------------------------------ UI
+    def _build_ui(self) -> None:
+        layout = QVBoxLayout(self)
+        self._model_label = QLabel()
+        self._model_label.setWordWrap(True)
+        layout.addWidget(self._model_label)
+
+        data = QFormLayout()
+        self._image_combo, self._labels_combo, self._scope = QComboBox(), QComboBox(), QComboBox()
+        for value, text in SCOPES:
+            self._scope.addItem(text, value)
+        self._overwrite = QCheckBox("overwrite existing labels")
+        data.addRow("Image", self._image_combo)
+        data.addRow("Labels", self._labels_combo)
+        data.addRow("Scope", self._scope)
+        data.addRow("", self._overwrite)
+        layout.addLayout(data)
+
+        box = QGroupBox("Parameters")
+        form = QFormLayout(box)
+        self._fields: dict[str, QSpinBox | QDoubleSpinBox] = {}
+        for name, (default, lo, hi, step, help_text) in PARAMS.items():
+            field = QSpinBox() if step is None else QDoubleSpinBox()
+            if step is not None:
+                field.setDecimals(2)
+                field.setSingleStep(step)
+            field.setRange(lo, hi)
+            field.setValue(default)
+            field.setToolTip(help_text)
+            label = QLabel(name.replace("_", " "))
+            label.setToolTip(help_text)
+            form.addRow(label, field)
+            self._fields[name] = field
+        layout.addWidget(box)
+
+        row = QHBoxLayout()
+        self._run_button, self._cancel_button = QPushButton("Run"), QPushButton("Cancel")
+        self._run_button.clicked.connect(lambda: self.run(wait=False))
+        self._cancel_button.clicked.connect(self.cancel)
+        self._cancel_button.setEnabled(False)
+        row.addWidget(self._run_button)
+        row.addWidget(self._cancel_button)
+        layout.addLayout(row)
+        self._progress = QProgressBar()
+        self._status = QLabel("")
+        self._status.setWordWrap(True)
+        layout.addWidget(self._progress)
+        layout.addWidget(self._status)
+        layout.addStretch(1)
+
+    def _refresh_layers(self, event=None) -> None:
+        for combo, kind, extra in ((self._image_combo, Image, None), (self._labels_combo, Labels, NEW_LABELS)):
+            current = combo.currentData()
+            combo.clear()
+            if extra:
+                combo.addItem(extra, None)
+            for layer in self.viewer.layers:
+                if isinstance(layer, kind) and not has_role(layer, PREVIEW_ROLE):
+                    combo.addItem(layer.name, layer)
+            index = combo.findData(current) if current is not None else -1
+            combo.setCurrentIndex(max(index, 0))
+
+    def _show_model(self, model=None) -> None:
+        if model is None:
+            self._model_label.setText("No model yet: load one in the Segment Anything widget "
+                                      "(or widget.session.load_model(...)).")
+        else:
+            self._model_label.setText(f"Model: {getattr(model, 'model_type', type(model).__name__)}")
+
+    # ------------------------------------------------------------------ scripting API
+    def set_image_layer(self, layer: Image) -> None:
+        self._image_combo.setCurrentIndex(self._image_combo.findData(layer))
+
+    def set_labels_layer(self, layer: Labels | None) -> None:
+        """Write into this Labels layer (None: a new layer each run)."""
+        self._labels_combo.setCurrentIndex(0 if layer is None else self._labels_combo.findData(layer))
+
+    def set_params(self, **params) -> None:
+        """Set parameters by name (see ``PARAMS``), e.g. ``points_per_side=16``."""
+        for name, value in params.items():
+            if name not in self._fields:
+                raise ValueError(f"expected a parameter in {sorted(self._fields)}, got {name!r}")
+            self._fields[name].setValue(value)
+
+    @property
+    def params(self) -> dict:
+        return {name: field.value() for name, field in self._fields.items()}
+
+    @property
+    def status(self) -> str:
+        return self._status.text()
+
+    def run(self, scope: str | None = None, wait: bool = False):
+        """Segment everything: ``scope`` "slice" | "stack" (default: the widget's choice).
+
+        ``wait=True`` blocks and returns the Labels layer written (None when nothing ran);
+        otherwise a worker runs and is returned (``self.worker``).
+        """
+        scope = scope or self._scope.currentData()
+        if scope not in dict(SCOPES):
+            raise ValueError(f"expected scope in {list(dict(SCOPES))}, got {scope!r}")
+        try:
+            job, target = self._prepare(scope)
+        except (PlaneError, ValueError, RuntimeError) as exc:
+            self._status.setText(str(exc))
+            return None
+        if wait:
+            return self._write(target, run_to_end(job, self._on_progress))
+        from napari.qt.threading import create_worker
+
+        self.worker = create_worker(lambda: (yield from job), _start_thread=False,
+                                    _progress={"desc": "SAM: segment everything"})
+        self.worker.yielded.connect(self._on_progress)
+        self.worker.returned.connect(lambda result: self._write(target, result))
+        self.worker.errored.connect(lambda exc: self._status.setText(f"segment everything failed: {exc}"))
+        self.worker.aborted.connect(lambda: self._status.setText("cancelled: labels unchanged"))
+        self.worker.finished.connect(self._on_finished)
+        self._run_button.setEnabled(False)
+        self._cancel_button.setEnabled(True)
+        self.worker.start()
+        return self.worker
+
+    def cancel(self) -> None:
+        """Stop a running job after its current batch; nothing is written."""
+        if self.worker is not None:
+            self.worker.quit()
+
+    # ------------------------------------------------------------------ internals
+    def _prepare(self, scope: str):
+        """On the GUI thread: read layers and parameters; returns (job, target)."""
+        if not self.session.has_model:
+            raise RuntimeError("load a model first (Segment Anything widget or session.load_model)")
+        image = self._image_combo.currentData()
+        if image is None:
+            raise ValueError("add an image layer first")
+        plane = current_plane(self.viewer.dims, image)
+        labels = self._labels_combo.currentData()
+        if labels is not None and spatial_shape(labels) != spatial_shape(image):
+            raise ValueError(f"expected a Labels layer of shape {spatial_shape(image)}, got "
+                             f"{spatial_shape(labels)}: choose another layer or a new one")
+        params = self.params
+        extra = {k: params.pop(k) for k in ("min_size", "link_iou")}
+        generator = SamAutomaticMaskGenerator(self.session.model, **params)
+        norm = normalisation(image)
+        limits = None if norm == ("uint8",) else norm[1:]
+        session = self.session
+        if scope == "slice":
+            def job():
+                yield Progress(0, 1, "encoding")
+                embedding = session.embedding(image, plane)  # cached, or encoded here
+                masks = yield from generator.run(plane_image(image, plane), embedding=embedding,
+                                                 contrast_limits=limits)
+                return [plane], masks_to_label_image(masks, min_size=extra["min_size"])[None]
+
+            return job(), (image, labels)
+        hidden = [a for a in range(plane.ndim) if a not in plane.axes_rc]
+        if not hidden:
+            raise ValueError("the image is 2D: use scope 'current slice'")
+        slices = SliceEmbeddings(session, image, plane, axis=hidden[-1])
+
+        def job():
+            stack = yield from segment_stack(
+                generator, _PlaneStack(image, slices), contrast_limits=limits,
+                embedding_for=lambda i, _img: slices.embedding(i), **extra)
+            return [slices.plane(i) for i in range(len(slices))], stack
+
+        return job(), (image, labels)
+
+    def _on_progress(self, step: Progress) -> None:
+        self._progress.setMaximum(max(step.total, 1))
+        self._progress.setValue(step.done)
+        self._status.setText(step.message)
+
+    def _on_finished(self) -> None:
+        self._run_button.setEnabled(True)
+        self._cancel_button.setEnabled(False)
+
+    def _write(self, target, result) -> Labels:
+        """Write (N, H, W) labels of N planes: ids above the layer's maximum, onto free pixels
+        unless overwriting, as one undo step."""
+        image, labels = target
+        planes, stack = result
+        if labels is None or labels not in self.viewer.layers:
+            labels = Labels(np.zeros(spatial_shape(image), dtype=np.uint32), name="SAM everything")
+            copy_spatial(image, labels)
+            self.viewer.layers.append(labels)
+        data = base_data(labels)
+        offset = int(np.asarray(data).max(initial=0)) if data.size else 0
+        top = offset + int(stack.max(initial=0))
+        if np.issubdtype(data.dtype, np.integer) and top > np.iinfo(data.dtype).max:
+            self._status.setText(f"expected label ids <= {np.iinfo(data.dtype).max} for a {data.dtype} layer, "
+                                 f"got {top}: use a new layer")
+            return labels
+        idx_parts, values = [], []
+        for plane, plane_labels in zip(planes, stack):
+            idx_parts.append(mask_indices(plane_labels > 0, plane))  # same pixel order
+            values.append(plane_labels[plane_labels > 0].astype(np.int64) + offset)
+        idx = tuple(np.concatenate(parts) for parts in zip(*idx_parts))
+        values = np.concatenate(values)
+        if not self._overwrite.isChecked():
+            free = np.asarray(data[idx]) == 0
+            idx, values = tuple(a[free] for a in idx), values[free]
+        with labels.block_history():
+            labels.data_setitem(idx, values, refresh=False)
+        labels.refresh()
+        n = len(np.unique(values))
+        self._status.setText(f"{n} objects written to '{labels.name}'")
+        return labels
+
+
+def _cleanup(viewer, session, refresh, show_model, cancel):
+    """What to undo when the widget is destroyed (a plain function: Qt no longer calls
+    methods of a destroyed widget)."""
+
+    def run(*_args) -> None:
+        cancel()
+        events = viewer.layers.events
+        for ev in (events.inserted, events.removed, events.reordered):
+            ev.disconnect(refresh)
+        session.model_changed.disconnect(show_model)
+
+    return run

@@ -1,0 +1,350 @@
+"""Segment everything: SAM's automatic mask generator, as a long job with progress.
+
+:class:`SamAutomaticMaskGenerator` has the constructor, defaults and ``generate(image)``
+records of ``segment_anything.SamAutomaticMaskGenerator`` (change the import and scripts
+keep working) and returns the same masks. What differs is how the work is done:
+
+* decoding a batch of grid points stops at the low-res logits (``decode_low_res``); the
+  predicted-IoU filter runs there, and an exact upper bound of the stability score
+  (:class:`~napari_sam.engine.amg_utils.StabilityBound`) drops unstable masks before any
+  upsampling. Only the survivors are upsampled, a few at a time, for the exact score, box and
+  crop-edge test, and then kept as bit-packed bounding-box crops (:class:`MaskSet`), so memory
+  stays bounded whatever the grid size;
+* NMS is our own greedy vectorised code (no torchvision), small-region clean-up uses
+  scikit-image (no OpenCV);
+* :meth:`SamAutomaticMaskGenerator.run` is a generator that yields :class:`Progress` and
+  returns the :class:`MaskSet` — stop iterating to cancel; nothing outside it changes. It
+  accepts an :class:`~napari_sam.engine.predictor.ImageEmbedding` computed elsewhere (e.g.
+  by the interactive widget) so the image is not encoded twice;
+* :func:`segment_stack` runs it slice by slice through a (Z|T, Y, X) stack and links the
+  objects of consecutive slices into one id each (:mod:`napari_sam.engine.label_image`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from .amg_utils import (
+    StabilityBound,
+    batched_mask_to_box,
+    box_area,
+    build_all_layer_point_grids,
+    generate_crop_boxes,
+    is_box_near_crop_edge,
+    nms,
+    stability_score,
+)
+from .image import to_rgb_uint8
+from .label_image import link_slices, masks_to_label_image
+from .mask_set import OUTPUT_MODES, CompactMask, MaskSet, postprocess_small_regions, require_pycocotools
+from .predictor import ImageEmbedding, SamPredictor
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One step of a long job: ``done`` of ``total`` units, and what is being done."""
+
+    done: int
+    total: int
+    message: str = ""
+
+
+def run_to_end(job: Generator[Progress, None, T], callback: Callable[[Progress], None] | None = None) -> T:
+    """Drive a long job synchronously (optionally reporting each step); returns its result."""
+    while True:
+        try:
+            step = next(job)
+        except StopIteration as stop:
+            return stop.value
+        if callback is not None:
+            callback(step)
+
+
+class SamAutomaticMaskGenerator:
+    """Masks for everything in an image, from a grid of point prompts.
+
+    Arguments and defaults are the reference's (see ``segment_anything``'s docstring);
+    ``min_mask_region_area > 0`` uses scikit-image instead of OpenCV; ``output_mode``
+    "coco_rle" needs pycocotools. ``model`` is a :class:`~napari_sam.model.Sam` (or any
+    model with the engine interface).
+
+    Keyword-only:
+        upsample_budget: at most this many float32 values of full-resolution logits are
+            held at once (masks are upsampled in chunks of that size).
+        decode_chunk: prompts per decoder call within a batch. None: 4 on a CPU, where the
+            decoder is memory-bound and small calls stay in cache (about 2x faster per prompt
+            than 64 at once on a 2-core machine), else ``points_per_batch``. Results do not
+            depend on it.
+    """
+
+    def __init__(
+        self,
+        model,
+        points_per_side: int | None = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        point_grids: list[np.ndarray] | None = None,
+        min_mask_region_area: int = 0,
+        output_mode: str = "binary_mask",
+        *,
+        upsample_budget: int = 2**25,
+        decode_chunk: int | None = None,
+    ) -> None:
+        if (points_per_side is None) == (point_grids is None):
+            raise ValueError(
+                "expected exactly one of points_per_side or point_grids, got "
+                f"points_per_side={points_per_side!r} and point_grids={'None' if point_grids is None else 'a list'}"
+            )
+        if crop_n_layers < 0 or crop_n_points_downscale_factor < 1:
+            raise ValueError(
+                "expected crop_n_layers >= 0 and crop_n_points_downscale_factor >= 1, got "
+                f"{crop_n_layers} and {crop_n_points_downscale_factor}"
+            )
+        if points_per_side is not None:
+            if points_per_side < 1:
+                raise ValueError(f"expected points_per_side >= 1, got {points_per_side}")
+            point_grids = build_all_layer_point_grids(
+                points_per_side, crop_n_layers, crop_n_points_downscale_factor
+            )
+        point_grids = [np.asarray(g, dtype=np.float64) for g in point_grids]
+        if len(point_grids) < crop_n_layers + 1 or any(g.ndim != 2 or g.shape[1] != 2 for g in point_grids):
+            raise ValueError(
+                f"expected {crop_n_layers + 1} point grids of shape (N, 2) in [0, 1], got "
+                f"{[g.shape for g in point_grids]}"
+            )
+        if points_per_batch < 1:
+            raise ValueError(f"expected points_per_batch >= 1, got {points_per_batch}")
+        if output_mode not in OUTPUT_MODES:
+            raise ValueError(f"expected output_mode in {OUTPUT_MODES}, got {output_mode!r}")
+        if output_mode == "coco_rle":
+            require_pycocotools()
+        self.predictor = SamPredictor(model)
+        self.point_grids = point_grids
+        self.points_per_batch = int(points_per_batch)
+        self.pred_iou_thresh = float(pred_iou_thresh)
+        self.stability_score_thresh = float(stability_score_thresh)
+        self.stability_score_offset = float(stability_score_offset)
+        self.box_nms_thresh = float(box_nms_thresh)
+        self.crop_n_layers = int(crop_n_layers)
+        self.crop_nms_thresh = float(crop_nms_thresh)
+        self.crop_overlap_ratio = float(crop_overlap_ratio)
+        self.crop_n_points_downscale_factor = int(crop_n_points_downscale_factor)
+        self.min_mask_region_area = int(min_mask_region_area)
+        self.output_mode = output_mode
+        self.upsample_budget = int(upsample_budget)
+        if decode_chunk is None:
+            decode_chunk = 4 if self.predictor.device.type == "cpu" else self.points_per_batch
+        if decode_chunk < 1:
+            raise ValueError(f"expected decode_chunk >= 1, got {decode_chunk}")
+        self.decode_chunk = int(decode_chunk)
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, image: np.ndarray) -> list[dict]:
+        """Reference-compatible: (H, W[, C]) image -> list of mask records (see
+        :meth:`MaskSet.to_records`), in ``self.output_mode``."""
+        return run_to_end(self.run(image)).to_records(self.output_mode)
+
+    def generate_labels(self, image: np.ndarray, min_size: int = 0) -> np.ndarray:
+        """(H, W[, C]) image -> (H, W) int32 label image (see :func:`masks_to_label_image`)."""
+        return masks_to_label_image(run_to_end(self.run(image)), min_size=min_size)
+
+    def run(
+        self,
+        image: np.ndarray,
+        *,
+        embedding: ImageEmbedding | None = None,
+        contrast_limits: tuple[float, float] | None = None,
+    ) -> Generator[Progress, None, MaskSet]:
+        """The generation as a long job: yields :class:`Progress`, returns a :class:`MaskSet`.
+
+        Args:
+            image: (H, W) or (H, W, 1|3|4), any real dtype (normalised as
+                :func:`~napari_sam.engine.image.to_rgb_uint8`; uint8 RGB passes unchanged).
+            embedding: the whole image's embedding, if already computed by this model (crop
+                layers >= 1 are always encoded here).
+            contrast_limits: optional (low, high) mapped to 0..255 before encoding.
+        """
+        rgb = to_rgb_uint8(image, contrast_limits)
+        orig_size = rgb.shape[:2]
+        if embedding is not None and tuple(embedding.original_size) != orig_size:
+            raise ValueError(
+                f"expected an embedding of an image of size {orig_size}, "
+                f"got one of size {tuple(embedding.original_size)}"
+            )
+        crop_boxes, layer_idxs = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
+        batches = [-(-len(self.point_grids[i]) // self.points_per_batch) for i in layer_idxs]
+        total = sum(batches) + len(crop_boxes) - (embedding is not None)
+        done, parts = 0, []
+        for k, (crop_box, layer_idx) in enumerate(zip(crop_boxes, layer_idxs)):
+            job = self._process_crop(rgb, crop_box, layer_idx, embedding if k == 0 else None)
+            while True:
+                try:
+                    message = next(job)
+                except StopIteration as stop:
+                    parts.append(stop.value)
+                    break
+                done += 1
+                yield Progress(done, total, f"crop {k + 1}/{len(crop_boxes)}: {message}")
+        data = MaskSet.concat(orig_size, parts)
+        if len(crop_boxes) > 1:  # duplicates between crops: prefer masks from smaller crops
+            scores = 1 / box_area(torch.from_numpy(data.crop_boxes))
+            data = data.filter(nms(torch.from_numpy(data.boxes).float(), scores, self.crop_nms_thresh).numpy())
+        if self.min_mask_region_area > 0:
+            nms_thresh = max(self.box_nms_thresh, self.crop_nms_thresh)
+            data = postprocess_small_regions(data, self.min_mask_region_area, nms_thresh)
+        return data
+
+    # ------------------------------------------------------------------ internals
+    def _process_crop(
+        self, rgb: np.ndarray, crop_box: list[int], layer_idx: int, embedding: ImageEmbedding | None
+    ) -> Generator[str, None, MaskSet]:
+        """Masks of one crop, in image coordinates, after NMS within the crop."""
+        x0, y0, x1, y1 = crop_box
+        crop_size = (y1 - y0, x1 - x0)
+        if embedding is None:
+            embedding = self.predictor.encode_image(np.ascontiguousarray(rgb[y0:y1, x0:x1]))
+            yield "encoded"
+        self.predictor.set_embedding(embedding)
+        bound = None
+        if self.stability_score_thresh > 0:
+            model = self.predictor.model
+            bound = StabilityBound(
+                self.predictor.low_res_size, model.image_size, self.predictor.input_size, crop_size
+            )
+        points_xy = self.point_grids[layer_idx] * np.array(crop_size, dtype=np.float64)[None, ::-1]
+        parts, n = [], len(points_xy)
+        try:
+            for start in range(0, n, self.points_per_batch):
+                batch = points_xy[start : start + self.points_per_batch]
+                parts.append(self._process_batch(batch, crop_box, rgb.shape[:2], bound))
+                yield f"points {min(start + self.points_per_batch, n)}/{n}"
+        finally:
+            self.predictor.reset_image()
+        data = MaskSet.concat(rgb.shape[:2], parts)
+        keep = nms(torch.from_numpy(data.boxes).float(), torch.from_numpy(data.predicted_iou), self.box_nms_thresh)
+        data = data.filter(keep.numpy())
+        offset = np.array([x0, y0])
+        data.boxes = data.boxes + np.tile(offset, 2)
+        data.points = data.points + offset
+        data.crop_boxes = np.tile(np.array(crop_box, dtype=np.int64), (len(data), 1))
+        return data
+
+    @torch.inference_mode()
+    def _process_batch(self, points_xy: np.ndarray, crop_box, orig_size, bound) -> MaskSet:
+        """Decode (B, 2) crop-pixel points; keep masks passing the filters.
+
+        Returns a MaskSet with boxes and points in crop coordinates, masks in image coordinates.
+        """
+        pred = self.predictor
+        model = pred.model
+        threshold, offset = model.mask_threshold, self.stability_score_offset
+        x0, y0, x1, y1 = crop_box
+        crop_size = (y1 - y0, x1 - x0)
+        coords = torch.as_tensor(pred.transform.apply_coords(points_xy, crop_size), dtype=torch.float32)
+        coords = coords.to(pred.device)[:, None]  # (B, 1, 2)
+        labels = torch.ones(coords.shape[:2], dtype=torch.int, device=pred.device)  # (B, 1)
+        decoded = [
+            pred.decode_low_res(coords[i : i + self.decode_chunk], labels[i : i + self.decode_chunk])
+            for i in range(0, len(coords), self.decode_chunk)
+        ]
+        low_res = torch.cat([d[0] for d in decoded])  # (B, 3, h, w)
+        iou = torch.cat([d[1] for d in decoded])  # (B, 3)
+        n_masks = low_res.shape[1]
+        low_res, iou = low_res.flatten(0, 1), iou.flatten(0, 1).float().cpu()  # (B*3, h, w), (B*3,)
+
+        candidates = torch.arange(len(iou))
+        if self.pred_iou_thresh > 0:
+            candidates = candidates[iou > self.pred_iou_thresh]
+        if bound is not None and len(candidates):
+            upper = bound.upper(low_res[candidates], threshold, offset).cpu()
+            candidates = candidates[upper >= self.stability_score_thresh - 1e-6]  # float32 slack
+
+        h, w = crop_size
+        chunk = max(1, self.upsample_budget // (model.image_size**2 + h * w))
+        kept, masks, boxes, scores = [], [], [], []
+        for start in range(0, len(candidates), chunk):
+            idx = candidates[start : start + chunk]
+            logits = model.postprocess_masks(low_res[idx][:, None], pred.input_size, crop_size)[:, 0]
+            stability = stability_score(logits, threshold, offset).cpu()
+            ok = stability >= self.stability_score_thresh
+            if self.stability_score_thresh <= 0:
+                ok = torch.ones_like(ok)
+            binary = logits[ok.to(logits.device)] > threshold  # (k, h, w)
+            box = batched_mask_to_box(binary).cpu()
+            edge_ok = ~is_box_near_crop_edge(box, crop_box, [0, 0, orig_size[1], orig_size[0]])
+            binary = binary[edge_ok.to(binary.device)].cpu().numpy()
+            box = box[edge_ok]
+            masks += [CompactMask.from_array(m, b, (x0, y0)) for m, b in zip(binary, box.tolist())]
+            kept.append(idx[ok][edge_ok])
+            boxes.append(box)
+            scores.append(stability[ok][edge_ok])
+        if not kept:
+            return MaskSet(orig_size)
+        kept = torch.cat(kept).numpy()
+        return MaskSet(
+            orig_size,
+            masks,
+            boxes=torch.cat(boxes).numpy().astype(np.int64).reshape(-1, 4),
+            predicted_iou=iou.numpy()[kept].astype(np.float32),
+            stability_score=torch.cat(scores).numpy().astype(np.float32),
+            points=points_xy[kept // n_masks],
+            crop_boxes=np.zeros((len(kept), 4), np.int64),
+        )
+
+
+def segment_stack(
+    generator: SamAutomaticMaskGenerator,
+    stack: np.ndarray,
+    *,
+    contrast_limits: tuple[float, float] | None = None,
+    embedding_for: Callable[[int, np.ndarray], ImageEmbedding | None] | None = None,
+    link_iou: float = 0.25,
+    min_size: int = 0,
+) -> Generator[Progress, None, np.ndarray]:
+    """Segment every slice of a stack and give each object one id through the stack.
+
+    Args:
+        stack: (N, H, W) or (N, H, W, C) slices along z or t (any array-like; slices are read
+            one at a time).
+        contrast_limits: (low, high) used for every slice (so slices are normalised alike);
+            None normalises each slice on its own.
+        embedding_for: optional ``(index, slice) -> ImageEmbedding | None`` returning a
+            cached embedding of a slice.
+        link_iou: objects of consecutive slices overlapping with at least this IoU share an id.
+        min_size: objects with fewer visible pixels in a slice are dropped there.
+    Returns:
+        (N, H, W) int32 labels, 0 = background.
+    """
+    n = len(stack)
+    if n == 0 or np.ndim(stack[0]) not in (2, 3):
+        raise ValueError(f"expected a (N, H, W[, C]) stack with N >= 1, got shape {np.shape(stack)}")
+    labels = None
+    for z in range(n):
+        image = np.asarray(stack[z])
+        embedding = embedding_for(z, image) if embedding_for is not None else None
+        job = generator.run(image, embedding=embedding, contrast_limits=contrast_limits)
+        while True:
+            try:
+                step = next(job)
+            except StopIteration as stop:
+                masks = stop.value
+                break
+            yield Progress(z * step.total + step.done, n * step.total, f"slice {z + 1}/{n}, {step.message}")
+        if labels is None:
+            labels = np.zeros((n, *masks.image_size), dtype=np.int32)
+        labels[z] = masks_to_label_image(masks, min_size=min_size)
+    return link_slices(labels, min_iou=link_iou)
