@@ -1,1 +1,18 @@
 """Subcommands of the ``napari-sam`` command line (see ``napari_sam.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..engine.device import PRECISIONS
+from ..model.config import MODEL_CONFIGS
+
+MODELS = tuple(MODEL_CONFIGS)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --checkpoint, --device, --precision: the same for every command."""
+    parser.add_argument("--model", default="vit_b", choices=MODELS, help="model type (default vit_b)")
+    parser.add_argument("--checkpoint", help="checkpoint file (default: official one, downloaded once)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="image encoder precision")

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from . import add_model_arguments
 
-MODELS = ("vit_b", "vit_l", "vit_h", "vit_t")
 
 
 def add_parser(subparsers) -> None:
@@ -31,10 +31,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("input", help="stack: .tif/.tiff, .npy or a .zarr array; (N, H, W) "
                                  "grayscale or (N, H, W, 3|4) colour")
     p.add_argument("--store", required=True, help="output store folder (e.g. stack.zarr)")
-    p.add_argument("--model", default="vit_b", choices=MODELS, help="model type (default vit_b)")
-    p.add_argument("--checkpoint", help="checkpoint file (default: official one, downloaded once)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    add_model_arguments(p)
     p.add_argument("--axis", type=int, default=0, help="stack axis (z or t) of INPUT (default 0)")
     p.add_argument("--center", type=int, help="encode this slice and its neighbours first")
     p.add_argument("--contrast-limits", nargs=2, type=float, metavar=("LOW", "HIGH"),

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from . import add_model_arguments
 
-MODELS = ("vit_b", "vit_l", "vit_h", "vit_t")
 # flag: (type, default, help) — the generator's own parameters and defaults
 GENERATOR_FLAGS = {
     "points_per_side": (int, 32, "grid points per image side"),
@@ -43,11 +43,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("input", help="image or stack: .tif/.tiff, .png/.jpg, .npy or .zarr")
     p.add_argument("-o", "--output", required=True, help="output label image (.tif/.tiff)")
-    p.add_argument("--model", default="vit_b", choices=MODELS, help="model type (default vit_b)")
-    p.add_argument("--checkpoint", help="checkpoint file (default: official one, downloaded once)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="image encoder precision")
+    add_model_arguments(p)
     for name, (kind, default, help_text) in GENERATOR_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=default,
                        help=f"{help_text} (default {default:.4g})")
@@ -57,7 +53,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--rgb", default="auto", choices=("auto", "yes", "no"),
                    help="is a last axis of size 3 or 4 colour? (auto: yes)")
     p.add_argument("--contrast-limits", nargs=2, type=float, metavar=("LOW", "HIGH"),
-                   help="map LOW..HIGH to 0..255 (default: robust percentiles of the input)")
+                   help="map LOW..HIGH to 0..255 (default: robust percentiles, one pair for a whole stack)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -90,27 +86,12 @@ def as_stack(data, rgb: str):
     raise ValueError(f"expected (H, W), (H, W, 3|4), (N, H, W) or (N, H, W, 3|4), got shape {shape}")
 
 
-def robust_limits(stack) -> tuple[float, float] | None:
-    """Contrast limits shared by every slice (robust percentiles of up to 8 slices); None
-    for uint8 data, which SAM takes as it is."""
-    from ..engine.image import ROBUST_PERCENTILES
-
-    if np.dtype(stack.dtype) == np.uint8:
-        return None
-    picks = np.unique(np.linspace(0, len(stack) - 1, min(8, len(stack))).astype(int))
-    sample = np.concatenate([np.asarray(stack[i], dtype=np.float32).ravel() for i in picks])
-    sample = sample[np.isfinite(sample)]
-    if sample.size == 0:
-        raise ValueError("expected an image with finite values, got only NaN/inf")
-    lo, hi = (float(v) for v in np.percentile(sample, ROBUST_PERCENTILES))
-    return (lo, hi) if hi > lo else (float(sample.min()), float(sample.max()))
-
-
 def run(args) -> int:
     from tqdm import tqdm
 
     from .. import engine
     from ..engine.automatic import SamAutomaticMaskGenerator, segment_stack
+    from ..engine.stack import StackView, volume_contrast_limits
     from ..engine.weights import CheckpointDownloadError
     from ..model.checkpoint import CheckpointError
 
@@ -123,7 +104,9 @@ def run(args) -> int:
         return fail(2, f"expected an output ending in .tif or .tiff, got {output.name}")
     try:
         stack, single = as_stack(read_input(Path(args.input)), args.rgb)
-        limits = tuple(args.contrast_limits) if args.contrast_limits else robust_limits(stack)
+        limits = tuple(args.contrast_limits) if args.contrast_limits else None
+        if limits is None and not single:  # one normalisation for every slice
+            limits = volume_contrast_limits(StackView(stack))
     except (ValueError, OSError) as exc:
         return fail(2, f"cannot read {args.input}: {exc}")
     except Exception as exc:  # noqa: BLE001 - a corrupt file: say so, no traceback

@@ -40,7 +40,7 @@ from qtpy.QtWidgets import (
 from ..engine.automatic import Progress, SamAutomaticMaskGenerator, run_to_end, segment_stack
 from ..engine.label_image import masks_to_label_image
 from .geometry import PlaneError, base_data, current_plane, mask_indices, plane_image, spatial_shape
-from .prompt_layers import PREVIEW_ROLE, copy_spatial, has_role
+from .prompt_layers import copy_spatial, refill_layer_combos
 from .session import SamSession, SliceEmbeddings, normalisation, session_for
 
 NEW_LABELS = "new layer: SAM everything"
@@ -147,16 +147,7 @@ class SegmentEverythingWidget(QWidget):
         layout.addStretch(1)
 
     def _refresh_layers(self, event=None) -> None:
-        for combo, kind, extra in ((self._image_combo, Image, None), (self._labels_combo, Labels, NEW_LABELS)):
-            current = combo.currentData()
-            combo.clear()
-            if extra:
-                combo.addItem(extra, None)
-            for layer in self.viewer.layers:
-                if isinstance(layer, kind) and not has_role(layer, PREVIEW_ROLE):
-                    combo.addItem(layer.name, layer)
-            index = combo.findData(current) if current is not None else -1
-            combo.setCurrentIndex(max(index, 0))
+        refill_layer_combos(self.viewer, self._image_combo, self._labels_combo, NEW_LABELS)
 
     def _show_model(self, model=None) -> None:
         if model is None:

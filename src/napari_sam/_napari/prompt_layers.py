@@ -233,3 +233,20 @@ def add_box(shapes: Shapes, corner0_world, corner1_world, plane: SlicePlane) -> 
     """Add a rectangle (in ``plane``) from two opposite world corners."""
     c0, c1 = (np.asarray(shapes.world_to_data(c), dtype=float) for c in (corner0_world, corner1_world))
     shapes.add_rectangles(rectangle_corners(c0, c1, plane)[None])
+
+
+def refill_layer_combos(viewer, image_combo, labels_combo, new_labels_text: str) -> None:
+    """Fill two QComboBoxes with the viewer's Image and Labels layers (never our preview),
+    the labels one led by a "new layer" entry (data None); keeps the current choices."""
+    from napari.layers import Image, Labels
+
+    for combo, kind, extra in ((image_combo, Image, None), (labels_combo, Labels, new_labels_text)):
+        current = combo.currentData()
+        combo.clear()
+        if extra:
+            combo.addItem(extra, None)
+        for layer in viewer.layers:
+            if isinstance(layer, kind) and not has_role(layer, PREVIEW_ROLE):
+                combo.addItem(layer.name, layer)
+        index = combo.findData(current) if current is not None else -1
+        combo.setCurrentIndex(max(index, 0))

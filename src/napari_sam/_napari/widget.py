@@ -19,7 +19,6 @@ candidate masks, Shift-Enter commits, Shift-X clears the slice's prompts.
 from __future__ import annotations
 
 import numpy as np
-from napari.layers import Image, Labels
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -36,7 +35,7 @@ from qtpy.QtWidgets import (
 )
 
 from .labels_io import CommitResult
-from .prompt_layers import PREVIEW_ROLE, has_role
+from .prompt_layers import refill_layer_combos
 from .segmenter import InteractiveSegmenter
 from .session import SamSession, session_for
 from .volume_panel import VolumePanel
@@ -164,16 +163,7 @@ class SegmentAnythingWidget(QWidget):
     def _refresh_layer_choices(self, event=None) -> None:
         if event is not None and getattr(event, "type", "") == "inserted":
             event.value.events.name.connect(self._refresh_layer_choices)  # renames show up
-        for combo, kind, extra in ((self._image_combo, Image, None), (self._labels_combo, Labels, NEW_LABELS)):
-            current = combo.currentData()
-            combo.clear()
-            if extra:
-                combo.addItem(extra, None)
-            for layer in self.viewer.layers:
-                if isinstance(layer, kind) and not has_role(layer, PREVIEW_ROLE):
-                    combo.addItem(layer.name, layer)
-            index = combo.findData(current) if current is not None else -1
-            combo.setCurrentIndex(max(index, 0))
+        refill_layer_combos(self.viewer, self._image_combo, self._labels_combo, NEW_LABELS)
         if self.segmenter.image_layer is None and self._image_combo.count():
             self.set_image_layer(self._image_combo.currentData())
         self._sync_combos()
