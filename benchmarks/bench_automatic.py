@@ -93,8 +93,8 @@ def worker(impl: str, points: int, checkpoint: str, out: str) -> dict:
         embedding = SamPredictor(model).encode_image(image)
         gen = SamAutomaticMaskGenerator(model, points_per_side=points)
         generate = lambda: run_to_end(gen.run(image, embedding=embedding)).to_records()  # noqa: E731
-    rss_before = _rss_mb("VmRSS")
-    reset = _reset_peak()
+    rss_before, peak_before = _rss_mb("VmRSS"), peak_rss_mb()
+    reset = _reset_peak()  # (this also resets getrusage's maxrss on Linux)
     t0 = time.perf_counter()
     records = generate()
     seconds = time.perf_counter() - t0
@@ -107,7 +107,7 @@ def worker(impl: str, points: int, checkpoint: str, out: str) -> dict:
         "masks": len(records),
         "rss_before_mb": rss_before,
         "generation_peak_mb": _rss_mb("VmHWM") if reset else float("nan"),
-        "process_peak_mb": peak_rss_mb(),
+        "process_peak_mb": max(peak_before, peak_rss_mb()),
     }
 
 

@@ -337,13 +337,16 @@ def segment_stack(
         image = np.asarray(stack[z])
         embedding = embedding_for(z, image) if embedding_for is not None else None
         job = generator.run(image, embedding=embedding, contrast_limits=contrast_limits)
-        while True:
-            try:
-                step = next(job)
-            except StopIteration as stop:
-                masks = stop.value
-                break
-            yield Progress(z * step.total + step.done, n * step.total, f"slice {z + 1}/{n}, {step.message}")
+        try:
+            while True:
+                try:
+                    step = next(job)
+                except StopIteration as stop:
+                    masks = stop.value
+                    break
+                yield Progress(z * step.total + step.done, n * step.total, f"slice {z + 1}/{n}, {step.message}")
+        finally:
+            job.close()  # cancelled: release the slice's predictor state now
         if labels is None:
             labels = np.zeros((n, *masks.image_size), dtype=np.int32)
         labels[z] = masks_to_label_image(masks, min_size=min_size)
