@@ -40,3 +40,68 @@ def tiny_sam(tiny_reference_and_checkpoint):
 
     _, path = tiny_reference_and_checkpoint
     return build_sam(TINY_VIT_B, checkpoint=path, device="cpu", precision="fp32")
+
+
+# --- napari GUI fixtures (napari/Qt imported lazily: engine tests never pay for them) ---
+
+
+@pytest.fixture(scope="module")
+def shared_viewer(qapp):
+    """One hidden napari viewer per test module (creating one costs seconds here)."""
+    import napari
+
+    viewer = napari.Viewer(show=False)
+    yield viewer
+    viewer.close()
+
+
+@pytest.fixture
+def viewer(shared_viewer):
+    """The module's viewer, emptied and in 2D before and after each test."""
+    shared_viewer.layers.clear()
+    shared_viewer.dims.ndisplay = 2
+    yield shared_viewer
+    shared_viewer.layers.clear()
+
+
+@pytest.fixture
+def make_widget(viewer, qtbot):
+    """Factory of Segment Anything widgets with their own session; waits for their
+    background work and cleans them up after the test."""
+    from napari_sam._napari.session import SamSession
+    from napari_sam._napari.widget import SegmentAnythingWidget
+
+    made = []
+
+    def make(model=None, auto_encode=True):
+        widget = SegmentAnythingWidget(viewer, session=SamSession())
+        widget.segmenter.auto_encode = auto_encode
+        if model is not None:
+            widget.set_model(model)
+        made.append(widget)
+        return widget
+
+    yield make
+    for widget in made:
+        widget.volume.cancel()
+        qtbot.waitUntil(
+            lambda w=widget: not w.segmenter.encoding and not w.volume.running, timeout=20000
+        )
+        widget.cleanup()
+        widget.deleteLater()
+
+
+def patch_build_sam(monkeypatch, model):
+    """Make ``napari_sam.engine.build_sam`` return ``model`` (no weights, no download);
+    the calls' arguments are recorded in ``model.build_calls``."""
+    import napari_sam.engine
+
+    calls = []
+
+    def fake_build_sam(model_type, checkpoint=None, device=None, precision="auto"):
+        calls.append((model_type, checkpoint, device, precision))
+        return model
+
+    monkeypatch.setattr(napari_sam.engine, "build_sam", fake_build_sam)
+    model.build_calls = calls
+    return model

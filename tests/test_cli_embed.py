@@ -11,6 +11,7 @@ import tifffile
 from oracle import OracleSam
 
 import napari_sam.engine
+from conftest import patch_build_sam
 from napari_sam.cli import main
 from napari_sam.engine.store import EmbeddingStore, StoreWriteError, read_store_info
 
@@ -24,15 +25,7 @@ def stack(n=6, h=40, w=48):
 def oracle(monkeypatch):
     """``build_sam`` returns one counting oracle model (no weights, no download)."""
     model = OracleSam(256)
-    calls = []
-
-    def fake_build_sam(model_type, checkpoint=None, device=None, precision="auto"):
-        calls.append((model_type, checkpoint, device, precision))
-        return model
-
-    monkeypatch.setattr(napari_sam.engine, "build_sam", fake_build_sam)
-    model.build_calls = calls
-    return model
+    return patch_build_sam(monkeypatch, model)
 
 
 def test_embed_a_tif_then_rerun_encodes_nothing(tmp_path, oracle, capsys):

@@ -11,6 +11,7 @@ import tifffile
 from PIL import Image
 
 import napari_sam.engine
+from conftest import patch_build_sam
 from napari_sam.cli import main
 from test_automatic_oracle import FastOracle, draw_objects, iou
 
@@ -21,15 +22,7 @@ FLAGS = ["--points-per-side", "16", "--stability-score-thresh", "0.8", "--quiet"
 def oracle(monkeypatch):
     """``build_sam`` returns the oracle model (no weights, no download)."""
     model = FastOracle(256)
-    calls = []
-
-    def fake_build_sam(model_type, checkpoint=None, device=None, precision="auto"):
-        calls.append((model_type, checkpoint, device, precision))
-        return model
-
-    monkeypatch.setattr(napari_sam.engine, "build_sam", fake_build_sam)
-    model.build_calls = calls
-    return model
+    return patch_build_sam(monkeypatch, model)
 
 
 def test_png_2d_and_rgb(tmp_path, oracle, capsys):

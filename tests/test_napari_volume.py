@@ -11,8 +11,6 @@ import napari
 import numpy as np
 import pytest
 
-from napari_sam._napari.session import SamSession
-from napari_sam._napari.widget import SegmentAnythingWidget
 from oracle import OracleSam
 
 pytestmark = pytest.mark.gui
@@ -35,40 +33,6 @@ class SlowOracle(OracleSam):
     def encode(self, x):
         time.sleep(0.05)
         return super().encode(x)
-
-
-@pytest.fixture(scope="module")
-def shared_viewer(qapp):
-    viewer = napari.Viewer(show=False)
-    yield viewer
-    viewer.close()
-
-
-@pytest.fixture
-def viewer(shared_viewer):
-    shared_viewer.layers.clear()
-    shared_viewer.dims.ndisplay = 2
-    yield shared_viewer
-    shared_viewer.layers.clear()
-
-
-@pytest.fixture
-def make_widget(viewer, qtbot):
-    made = []
-
-    def make(model=None, auto_encode=True) -> SegmentAnythingWidget:
-        widget = SegmentAnythingWidget(viewer, session=SamSession())
-        widget.segmenter.auto_encode = auto_encode
-        if model is not None:
-            widget.set_model(model)
-        made.append(widget)
-        return widget
-
-    yield make
-    for widget in made:
-        widget.volume.cancel()
-        qtbot.waitUntil(lambda w=widget: not w.segmenter.encoding and not w.volume.running, timeout=20000)
-        widget.cleanup()
 
 
 def prompt_middle(viewer, widget, layer):

@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 from qtpy.QtCore import QTimer
 
-from napari_sam._napari.session import SamSession
-from napari_sam._napari.widget import SegmentAnythingWidget
 from oracle import OracleSam
 
 pytestmark = pytest.mark.gui
@@ -56,39 +54,6 @@ class SlowOracle(OracleSam):
     def encode(self, x):
         time.sleep(self.delay)
         return super().encode(x)
-
-
-@pytest.fixture(scope="module")
-def shared_viewer(qapp):
-    viewer = napari.Viewer(show=False)
-    yield viewer
-    viewer.close()
-
-
-@pytest.fixture
-def viewer(shared_viewer):
-    shared_viewer.layers.clear()
-    shared_viewer.dims.ndisplay = 2
-    yield shared_viewer
-    shared_viewer.layers.clear()
-
-
-@pytest.fixture
-def make_widget(viewer, qtbot):
-    made = []
-
-    def make(model=None) -> SegmentAnythingWidget:
-        widget = SegmentAnythingWidget(viewer, session=SamSession())
-        if model is not None:
-            widget.set_model(model)
-        made.append(widget)
-        return widget
-
-    yield make
-    for widget in made:
-        qtbot.waitUntil(lambda w=widget: not w.segmenter.encoding, timeout=10000)
-        widget.cleanup()
-        widget.deleteLater()
 
 
 def test_click_on_each_object_commits_it_2d_scaled(viewer, make_widget):
