@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 
-import napari
 import numpy as np
 import pytest
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 
-import napari
 import numpy as np
 import pytest
 from qtpy.QtCore import QTimer
