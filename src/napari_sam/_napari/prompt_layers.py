@@ -54,12 +54,18 @@ def _marker_size(image) -> float:
     return float(max(3.0, 0.012 * max(spatial_shape(image)[-2:])))
 
 
-def ensure_points_layer(viewer, image) -> Points:
-    """The prompt Points layer (feature ``positive``: True = object, False = background)."""
-    layer = find_layer(viewer, POINTS_ROLE)
-    if layer is not None and layer.ndim != image.ndim:
+def _reusable_layer(viewer, role: str, ndim: int):
+    """Our layer with ``role`` if it fits an ``ndim`` image; one that does not is removed."""
+    layer = find_layer(viewer, role)
+    if layer is not None and layer.ndim != ndim:
         viewer.layers.remove(layer)
         layer = None
+    return layer
+
+
+def ensure_points_layer(viewer, image) -> Points:
+    """The prompt Points layer (feature ``positive``: True = object, False = background)."""
+    layer = _reusable_layer(viewer, POINTS_ROLE, image.ndim)
     if layer is None:
         layer = Points(
             ndim=image.ndim,
@@ -80,10 +86,7 @@ def ensure_points_layer(viewer, image) -> Points:
 
 def ensure_boxes_layer(viewer, image) -> Shapes:
     """The prompt Shapes layer; every shape's bounding box is a box prompt."""
-    layer = find_layer(viewer, BOXES_ROLE)
-    if layer is not None and layer.ndim != image.ndim:
-        viewer.layers.remove(layer)
-        layer = None
+    layer = _reusable_layer(viewer, BOXES_ROLE, image.ndim)
     if layer is None:
         layer = Shapes(
             ndim=image.ndim,
