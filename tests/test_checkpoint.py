@@ -47,18 +47,151 @@ class _RunsCode:
         return (os.system, ("echo pwned > /dev/null",))
 
 
+SIDE_EFFECTS = []
+
+
+def record_side_effect(value):
+    """What a malicious checkpoint would call (harmless here): proves whether code ran."""
+    SIDE_EFFECTS.append(value)
+    return value
+
+
+class _CallsModuleFunction:
+    def __reduce__(self):
+        return (record_side_effect, ("ran",))
+
+
+class _CallsPrint:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def _assert_refused_for_code(path, called):
+    SIDE_EFFECTS.clear()
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(path)
+    msg = str(info.value)
+    assert "refused" in msg and "would run code" in msg, msg
+    assert called in msg  # names what it would call
+    assert "truncated or corrupt" not in msg and "download it again" not in msg
+    assert "torch.save(model.state_dict(), path)" in msg  # how to export plain weights
+    assert str(path) in msg
+    assert SIDE_EFFECTS == []  # and nothing ran
+
+
 def test_pickled_code_is_refused(tmp_path):
     bad = tmp_path / "evil.pth"
     torch.save({"image_encoder.x": torch.zeros(1), "payload": _RunsCode()}, bad)
-    with pytest.raises(CheckpointError, match="could run code"):
-        read_state_dict(bad)
+    _assert_refused_for_code(bad, "system")
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+@pytest.mark.parametrize("payload, called", [(_CallsPrint, "print"), (_CallsModuleFunction, "record_side_effect")])
+def test_raw_pickle_with_code_is_refused_not_called_corrupt(tmp_path, protocol, payload, called):
+    """Protocol 4/5 pickles stop torch's weights-only unpickler before it reaches the global
+    ("Unsupported operand 149"): it used to be reported as a truncated or corrupt file."""
+    bad = tmp_path / "evil.pkl"
+    bad.write_bytes(pickle.dumps({"image_encoder.x": torch.zeros(1), "payload": payload()}, protocol=protocol))
+    _assert_refused_for_code(bad, called)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_torch_saved_code_is_refused(tmp_path, legacy):
+    bad = tmp_path / "evil.pth"
+    torch.save({"w": torch.zeros(1), "payload": _CallsModuleFunction()}, bad, _use_new_zipfile_serialization=not legacy)
+    _assert_refused_for_code(bad, "record_side_effect")
 
 
 def test_plain_pickle_is_refused(tmp_path):
     bad = tmp_path / "evil.pkl"
     bad.write_bytes(pickle.dumps(_RunsCode()))
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="would run code"):
         read_state_dict(bad)
+
+
+def test_unreadable_file_says_permission_denied(tmp_path):
+    path = tmp_path / "locked.pth"
+    torch.save({"w": torch.zeros(1)}, path)
+    path.chmod(0)
+    try:
+        if os.access(path, os.R_OK):
+            pytest.skip("running as a user (root) who can read a chmod 000 file")
+        with pytest.raises(CheckpointError) as info:
+            read_state_dict(path)
+    finally:
+        path.chmod(0o600)
+    msg = str(info.value)
+    assert "permission denied" in msg and str(path) in msg
+    assert "download it again" not in msg and "corrupt" not in msg
+
+
+@pytest.mark.parametrize("where", ["access-check", "torch.load"])
+def test_permission_denied_is_reported_as_such(tmp_path, monkeypatch, where):
+    """The same without chmod (so it runs as root too): the up-front access check fails, or
+    it passes and reading fails anyway (ACLs, root squash on NFS…)."""
+    from napari_sam.model import checkpoint
+
+    path = tmp_path / "locked.pth"
+    torch.save({"w": torch.zeros(1)}, path)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    if where == "torch.load":
+        monkeypatch.setattr(torch, "load", denied)
+    else:
+        monkeypatch.setattr(checkpoint.os, "access", lambda p, mode: False)
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(path)
+    msg = str(info.value)
+    assert "permission denied" in msg and str(path) in msg and "download it again" not in msg
+
+
+def _prefixed(state, prefix):
+    return {prefix + k: v for k, v in state.items()}
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        pytest.param(lambda sd: {"model_state": _prefixed(sd, "sam."), "optimizer_state": {"state": {}, "param_groups": []},
+                                 "epoch": 12, "best_metric": 0.25}, id="torch_em-trainer-sam-prefix"),
+        pytest.param(lambda sd: {"model_state": sd, "decoder_state": {"base.x": torch.zeros(3)}}, id="micro_sam-ais"),
+        pytest.param(lambda sd: {"model_state": sd}, id="micro_sam-exported"),
+        pytest.param(lambda sd: _prefixed(sd, "module."), id="ddp"),
+        pytest.param(lambda sd: {"model": _prefixed(sd, "module.sam.")}, id="model-ddp-sam"),
+        pytest.param(lambda sd: {"state_dict": sd, "epoch": 3, "global_step": 10}, id="state_dict"),
+        pytest.param(lambda sd: {"state_dict": {"model": sd}}, id="nested"),
+    ],
+)
+def test_fine_tuned_checkpoint_shapes_load(tiny_reference_and_checkpoint, tmp_path, wrap):
+    """Wrapped / prefixed checkpoints (micro-sam, torch_em, DDP) used to be reported as
+    'not a Segment Anything checkpoint'; they load, still with weights_only=True."""
+    from sam_factory import TINY_VIT_B
+
+    ref, _ = tiny_reference_and_checkpoint
+    path = tmp_path / "finetuned.pt"
+    torch.save(wrap(ref.state_dict()), path)
+    loaded = read_state_dict(path)
+    assert set(loaded) == set(ref.state_dict())
+    model = build_sam(TINY_VIT_B, checkpoint=path, device="cpu", precision="fp32")
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_prefix_is_kept_unless_every_key_has_it():
+    from napari_sam.model.checkpoint import _unwrap_state_dict
+
+    mixed = {"sam.image_encoder.x": torch.zeros(1), "iou_head.y": torch.zeros(1)}
+    assert set(_unwrap_state_dict(mixed, "f")) == set(mixed)
+    assert set(_unwrap_state_dict({"module.a": torch.zeros(1), "module.b": torch.zeros(1)}, "f")) == {"a", "b"}
+
+
+def test_wrapper_without_tensors_is_a_clear_error(tmp_path):
+    path = tmp_path / "odd.pt"
+    torch.save({"model_state": {"w": torch.zeros(1), "step": 3}}, path)
+    with pytest.raises(CheckpointError, match=r"dict of tensors.*'step': int"):
+        read_state_dict(path)
 
 
 def test_missing_file_error_names_path(tmp_path):
