@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from napari_sam import SamPredictor
 from napari_sam.engine.image import to_rgb_uint8
@@ -140,3 +141,116 @@ def test_tiny_tall_and_large_images(shape):
     masks, scores, _ = p.predict(np.array([[c, r]], dtype=float), np.array([1]), multimask_output=False)
     assert masks.shape == (1, *shape)
     assert iou(masks[0], img == 90) >= 0.9
+
+
+# ---------------------------------------------------------------- prompt validation (issue 8)
+def _predictor_with_blobs():
+    p = SamPredictor(OracleSam(256))
+    img = blobs()
+    p.set_image(img)
+    return p, img
+
+
+@pytest.mark.parametrize(
+    "box",
+    [[30, 20, 90, 60], [90, 20, 30, 60], [30, 60, 90, 20], [90, 60, 30, 20]],
+    ids=["ordered", "x-reversed", "y-reversed", "both-reversed"],
+)
+def test_box_corners_in_any_order_give_the_same_mask(box):
+    """A box dragged right-to-left or bottom-to-top (x1 < x0, y1 < y0) used to give another
+    (here: empty) mask; corners are sorted per axis as the widget does."""
+    p, img = _predictor_with_blobs()
+    truth = img == img[40, 60]
+    masks, scores, low_res = p.predict(box=np.array(box, float), multimask_output=False)
+    assert iou(masks[0], truth) >= 0.95
+    expected = p.predict(box=np.array([30.0, 20, 90, 60]), multimask_output=False)
+    np.testing.assert_array_equal(masks, expected[0])
+    np.testing.assert_array_equal(low_res, expected[2])
+    # the batched torch entry point too (boxes already in model-input pixels)
+    boxes = torch.as_tensor(p.transform.apply_boxes(np.array(box, float), p.original_size), dtype=torch.float)
+    torch_masks = p.predict_torch(None, None, boxes, multimask_output=False)[0]
+    np.testing.assert_array_equal(torch_masks[0].numpy(), expected[0])
+
+
+def test_reversed_box_with_random_weights_matches_ordered_box(tiny_sam):
+    """A real (random-weight) decoder encodes the two corners differently: without sorting,
+    a reversed box gives other logits."""
+    p = SamPredictor(tiny_sam)
+    p.set_image(np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8))
+    ordered = p.predict(box=np.array([[20.0, 10, 80, 70]]))
+    for box in ([80.0, 10, 20, 70], [20.0, 70, 80, 10], [80.0, 70, 20, 10]):
+        got = p.predict(box=np.array(box))
+        for a, b in zip(got, ordered):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [[2], [3], [-2], [0.5], [np.nan], ["1"], [None], np.array([1 + 1j])],
+    ids=["2", "3", "-2", "0.5", "nan", "str", "None", "complex"],
+)
+def test_point_labels_outside_minus_one_zero_one_are_refused(labels):
+    p, _ = _predictor_with_blobs()
+    with pytest.raises(ValueError, match=r"expected point_labels in .*got"):
+        p.predict(np.array([[60.0, 40.0]]), np.array(labels, dtype=None))
+
+
+@pytest.mark.parametrize("labels", [[1, 0, -1], [True, False, False], [1.0, 0.0, -1.0], np.array([1, 0, -1], np.int8)])
+def test_valid_point_labels_are_accepted(labels):
+    p, img = _predictor_with_blobs()
+    coords = np.array([[60.0, 40.0], [150.0, 90.0], [0.0, 0.0]])
+    masks, scores, _ = p.predict(coords, np.asarray(labels))
+    assert iou(masks[np.argmax(scores)], img == img[40, 60]) >= 0.95
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("everywhere", [True, False])
+def test_non_finite_mask_input_is_refused(bad_value, everywhere):
+    p, _ = _predictor_with_blobs()
+    mask = np.zeros((1, *p.low_res_size), np.float32)
+    if everywhere:
+        mask[:] = bad_value
+    else:
+        mask[0, 10, 10] = bad_value
+    with pytest.raises(ValueError, match=r"expected finite mask_input logits, got \d+ of 4096 values"):
+        p.predict(np.array([[60.0, 40.0]]), np.array([1]), mask_input=mask)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(box=np.array([1.0, 2.0, np.inf, 4.0])), "expected finite box"),
+        (dict(box=np.array([np.nan, 2.0, 3.0, 4.0])), "expected finite box"),
+        (dict(box=np.array(["a", "b", "c", "d"])), "expected real numbers for box"),
+        (dict(point_coords=np.array([[1.0, -np.inf]]), point_labels=np.array([1])), "expected finite point_coords"),
+        (dict(point_coords=np.array([["x", "y"]]), point_labels=np.array([1])), "expected real numbers for point_coords"),
+        (dict(point_coords=np.array([[1.0, 1.0]]), point_labels=np.array([1]),
+              mask_input=np.full((1, 64, 64), "a")), "expected real numbers for mask_input"),
+    ],
+)
+def test_non_finite_or_non_numeric_prompts_are_refused(kwargs, match):
+    p, _ = _predictor_with_blobs()
+    with pytest.raises(ValueError, match=match):
+        p.predict(**kwargs)
+
+
+@pytest.mark.parametrize("shape", [(1, 3000), (3000, 1), (1, 2100, 3)])
+def test_too_thin_image_says_what_is_wrong(shape):
+    """Its short side rounds to 0 pixels at SAM's input size: used to be PIL's "height and
+    width must be > 0"."""
+    p = SamPredictor(OracleSam(1024))
+    with pytest.raises(ValueError) as info:
+        p.set_image(np.zeros(shape, np.uint8))
+    msg = str(info.value)
+    assert f"got shape ({shape[0]}, {shape[1]})" in msg
+    assert "input size 1024" in msg and "too thin" in msg and "at least 2 pixels" in msg
+    assert not p.is_image_set
+
+
+def test_thinnest_resizable_image_works():
+    p = SamPredictor(OracleSam(1024))
+    img = np.zeros((2, 3000), np.uint8)
+    img[:, 1000:2000] = 90
+    p.set_image(img)
+    masks, _, _ = p.predict(np.array([[1500.0, 1.0]]), np.array([1]), multimask_output=False)
+    assert masks.shape == (1, 2, 3000)

@@ -14,6 +14,8 @@ SAM was trained on 8-bit RGB photographs. Every input is mapped to (H, W, 3) uin
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from PIL import Image
 
@@ -82,6 +84,23 @@ def resized_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
+def require_resizable(image_hw: tuple[int, int], long_side: int) -> None:
+    """Raise a ValueError when an (H, W) image cannot be resized to the model's input: its
+    short side would round to 0 pixels once the long side is ``long_side``."""
+    height, width = (int(v) for v in image_hw[:2])
+    if height < 1 or width < 1:
+        raise ValueError(f"expected a non-empty image, got shape {tuple(image_hw)}")
+    new_h, new_w = resized_shape(height, width, long_side)
+    if new_h < 1 or new_w < 1:
+        need = math.ceil(max(height, width) / (2 * long_side))
+        raise ValueError(
+            f"expected an image that can be resized to the model's input size {long_side} "
+            f"(longest side), got shape ({height}, {width}): it is too thin, its short side "
+            f"would become {min(new_h, new_w)} pixels. The short side must be at least "
+            f"{need} pixels for this long side; crop or pad the image to a less elongated shape."
+        )
+
+
 class ResizeLongestSide:
     """Resize images and map coordinates so the longest side is ``target_length``.
 
@@ -94,6 +113,7 @@ class ResizeLongestSide:
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 -> (h, w, 3) uint8 with max(h, w) == target_length."""
+        require_resizable(image.shape[:2], self.target_length)
         h, w = resized_shape(image.shape[0], image.shape[1], self.target_length)
         return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 

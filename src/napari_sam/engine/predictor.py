@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .image import ResizeLongestSide, to_rgb_uint8
+from .image import ResizeLongestSide, require_resizable, to_rgb_uint8
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ class SamPredictor:
         rgb = to_rgb_uint8(image, contrast_limits)
         if image_format != self.model.image_format:
             rgb = rgb[..., ::-1]
+        require_resizable(rgb.shape[:2], self.transform.target_length)
         resized = self.transform.apply_image(np.ascontiguousarray(rgb))
         x = torch.from_numpy(np.array(resized)).to(self.device).permute(2, 0, 1)[None].float()
         return self.encode_torch_image(x, rgb.shape[:2])
@@ -166,22 +167,27 @@ class SamPredictor:
 
         Args:
             point_coords: (N, 2) float, (x, y) pixels of the original image.
-            point_labels: (N,) int, 1 = foreground, 0 = background.
-            box: (4,) or (1, 4) float, x0 y0 x1 y1 pixels of the original image.
-            mask_input: (1, 4He, 4We) low-res logits from a previous call (256x256 for SAM).
+            point_labels: (N,) int, 1 = foreground, 0 = background, -1 = ignored (padding).
+            box: (4,) or (1, 4) float, x0 y0 x1 y1 pixels of the original image; corners
+                given in any order (x1 < x0 or y1 < y0) are sorted per axis.
+            mask_input: (1, 4He, 4We) finite low-res logits from a previous call (256x256
+                for SAM).
             multimask_output: three candidate masks (True) or one.
             return_logits: return logits instead of thresholded masks.
         Returns:
             masks (C, H, W) bool (float32 logits with return_logits), iou predictions (C,)
             float32, low-res logits (C, 4He, 4We) float32; C = 3 or 1.
+        Raises:
+            ValueError: a prompt of the wrong shape, with non-finite values, or labels
+                outside {-1, 0, 1}.
         """
         self._require_image()
         coords_t = labels_t = box_t = mask_t = None
         if point_coords is not None or point_labels is not None:
             if point_coords is None or point_labels is None:
                 raise ValueError("expected point_coords and point_labels together, got only one")
-            coords = np.asarray(point_coords, dtype=np.float64)
-            labels = np.asarray(point_labels)
+            coords = _as_float_array(point_coords, "point_coords")
+            labels = _as_point_labels(point_labels)
             if coords.ndim != 2 or coords.shape[1] != 2 or labels.shape != (coords.shape[0],):
                 raise ValueError(
                     "expected point_coords (N, 2) and point_labels (N,), "
@@ -192,17 +198,22 @@ class SamPredictor:
             coords_t = torch.as_tensor(coords, dtype=torch.float, device=self.device)[None]
             labels_t = torch.as_tensor(labels, dtype=torch.int, device=self.device)[None]
         if box is not None:
-            box = np.asarray(box, dtype=np.float64)
+            box = _as_float_array(box, "box")
             if box.size != 4:
                 raise ValueError(f"expected box of shape (4,) or (1, 4), got {box.shape}")
             _require_finite(box, "box")
-            box = self.transform.apply_boxes(box.reshape(4), self.original_size)
+            box = self.transform.apply_boxes(sort_box_corners(box.reshape(4)), self.original_size)
             box_t = torch.as_tensor(box, dtype=torch.float, device=self.device)  # (1, 4)
         if mask_input is not None:
-            mask = np.asarray(mask_input, dtype=np.float32)
+            mask = _as_float_array(mask_input, "mask_input").astype(np.float32)
             size = self.low_res_size
             if mask.shape != (1, *size):
                 raise ValueError(f"expected mask_input of shape (1, {size[0]}, {size[1]}), got {mask.shape}")
+            if not np.isfinite(mask).all():
+                bad = int((~np.isfinite(mask)).sum())
+                raise ValueError(
+                    f"expected finite mask_input logits, got {bad} of {mask.size} values NaN or inf"
+                )
             mask_t = torch.as_tensor(mask, device=self.device)[None]
         masks, iou, low_res = self.predict_torch(
             coords_t, labels_t, box_t, mask_t, multimask_output, return_logits
@@ -230,7 +241,7 @@ class SamPredictor:
 
         Args:
             point_coords: (B, N, 2) (x, y); point_labels (B, N).
-            boxes: (B, 4) xyxy.
+            boxes: (B, 4) xyxy (corners in any order: sorted per axis).
             mask_input: (B, 1, 4He, 4We) logits.
         Returns:
             masks (B, C, H, W) bool (or logits), iou (B, C), low-res logits (B, C, 4He, 4We).
@@ -254,6 +265,10 @@ class SamPredictor:
         """Like :meth:`predict_torch` but stops at the low-res logits (B, C, 4He, 4We) and IoU
         (B, C): the cheap part, for code that filters before upsampling."""
         self._require_image()
+        if boxes is not None:  # corners in any order -> (x0, y0, x1, y1) with x0 <= x1, y0 <= y1
+            corners = boxes.reshape(-1, 2, 2)  # (B, 2 corners, (x, y))
+            sorted_ = torch.cat([corners.amin(dim=1), corners.amax(dim=1)], dim=1)  # (B, 4)
+            boxes = sorted_.reshape(boxes.shape)
         cache = None
         if mask_input is None:
             # prompt-independent decoder work, done once per image (and precision) and
@@ -270,3 +285,34 @@ class SamPredictor:
 def _require_finite(values: np.ndarray, name: str) -> None:
     if not np.all(np.isfinite(values)):
         raise ValueError(f"expected finite {name}, got {values.tolist()}")
+
+
+def sort_box_corners(box_xyxy: np.ndarray) -> np.ndarray:
+    """(..., 4) x0 y0 x1 y1 with corners in any order -> (..., 4) min/max per axis."""
+    corners = np.asarray(box_xyxy, dtype=np.float64).reshape(*np.shape(box_xyxy)[:-1], 2, 2)
+    return np.concatenate([corners.min(axis=-2), corners.max(axis=-2)], axis=-1)
+
+
+def _as_float_array(values, name: str) -> np.ndarray:
+    """``values`` as a float64 array, or a ValueError naming ``name`` (strings, objects…)."""
+    array = np.asarray(values)
+    if array.dtype != bool and not (
+        np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    ):
+        raise ValueError(f"expected real numbers for {name}, got an array of dtype {array.dtype}")
+    return array.astype(np.float64)
+
+
+def _as_point_labels(point_labels) -> np.ndarray:
+    """(N,) labels in {-1, 0, 1} (ints, bools or integral floats) -> int64 array."""
+    labels = np.asarray(point_labels)
+    numeric = labels.dtype == bool or np.issubdtype(labels.dtype, np.integer) or np.issubdtype(
+        labels.dtype, np.floating
+    )
+    if not numeric or not np.isin(labels, (-1, 0, 1)).all():
+        shown = labels.tolist() if labels.size <= 10 else f"{labels.size} values of dtype {labels.dtype}"
+        raise ValueError(
+            "expected point_labels in {1 (foreground), 0 (background), -1 (ignored)}, "
+            f"got {shown}"
+        )
+    return labels.astype(np.int64)
