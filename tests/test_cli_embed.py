@@ -2,18 +2,51 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+import torch
 from oracle import OracleSam
+from test_store import snapshot
 
-import napari_sam.engine
 from conftest import patch_build_sam
 from napari_sam.cli import main
 from napari_sam.engine.store import EmbeddingStore, StoreWriteError, read_store_info
+
+# the installed console script, next to the venv's python
+NAPARI_SAM = Path(sys.executable).with_name("napari-sam")
+_CHECKPOINTS: dict[str, Path] = {}
+
+
+def napari_sam(*args, timeout=300, env=None, cwd=None) -> subprocess.CompletedProcess:
+    """Run the installed ``napari-sam`` command (a fresh process, as a user would)."""
+    return subprocess.run([str(NAPARI_SAM), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=cwd)
+
+
+def random_vit_t_checkpoint(tmp_path_factory) -> Path:
+    """A MobileSAM (vit_t) checkpoint with random weights: the real architecture, loadable
+    with ``--model vit_t --checkpoint PATH`` by any process; made once per session."""
+    if "vit_t" not in _CHECKPOINTS:
+        from napari_sam.model import build_model, get_config
+
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp("ckpt") / "random_vit_t.pt"
+        torch.save(build_model(get_config("vit_t")).state_dict(), path)
+        _CHECKPOINTS["vit_t"] = path
+    return _CHECKPOINTS["vit_t"]
+
+
+@pytest.fixture
+def vit_t_args(tmp_path_factory):
+    """CLI model arguments of the random vit_t checkpoint (fp32 CPU)."""
+    return ["--model", "vit_t", "--checkpoint", random_vit_t_checkpoint(tmp_path_factory),
+            "--device", "cpu", "--precision", "fp32"]
 
 
 def stack(n=6, h=40, w=48):
@@ -76,13 +109,15 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, oracle, capsys, case):
     elif case == "center":
         extra = ["--center", "99"]
     else:
-        EmbeddingStore.open(store, stack() + 1, oracle)
-        extra = ["--on-mismatch", "error"]
+        EmbeddingStore.open(store, stack() + 1, oracle)  # default: refused, not recomputed
     assert main(["embed", str(tif), "--store", str(store), "--quiet", *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("napari-sam embed: error:") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
     assert {"missing": "not found", "2d": "expected a 3D stack", "suffix": ".tif",
-            "foreign": "refusing", "center": "--center", "mismatch": "different data"}[case] in err
+            "foreign": "refusing", "center": "--center",
+            "mismatch": "different data (same shape, other pixels)"}[case] in err
+    assert case != "mismatch" or "rerun with --on-mismatch recompute" in err
 
 
 def test_unknown_device_exits_2_without_downloading(tmp_path, capsys):
@@ -135,3 +170,55 @@ def test_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "napari_sam.cli", "embed", "--help"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--store" in out.stdout and "Exit codes" in out.stdout
+
+
+def test_a_mismatched_store_is_refused_unless_recompute(tmp_path, vit_t_args):
+    np.save(tmp_path / "in.npy", stack(n=1))
+    store = tmp_path / "s.zarr"
+    args = ["embed", tmp_path / "in.npy", "--store", store, *vit_t_args, "--quiet"]
+    first = napari_sam(*args)
+    assert first.returncode == 0, first.stderr
+    (store / "notes.txt").write_text("mine")
+    before = snapshot(store)
+    refused = napari_sam(*args, "--contrast-limits", "0", "100")
+    assert refused.returncode == 2, refused.stderr
+    line, = refused.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith("napari-sam embed: error: store") and "different normalisation" in line
+    assert "--on-mismatch recompute" in line
+    assert snapshot(store) == before  # nothing deleted
+    redo = napari_sam(*args, "--contrast-limits", "0", "100", "--on-mismatch", "recompute")
+    assert redo.returncode == 0, redo.stderr
+    assert "cleared" in redo.stderr
+    info = read_store_info(store)
+    assert info["n_ready"] == 1 and info["normalisation"]["contrast_limits"] == [0.0, 100.0]
+    assert (store / "notes.txt").read_text() == "mine"
+
+
+def test_offline_error_names_the_cli_option(tmp_path):
+    np.save(tmp_path / "in.npy", stack(n=2))
+    env = {**os.environ, "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+           "no_proxy": "", "NO_PROXY": ""}  # every download fails at once: offline
+    run = napari_sam("embed", tmp_path / "in.npy", "--store", tmp_path / "s.zarr", "--model",
+                     "vit_t", "--quiet", env=env)
+    assert run.returncode == 1, run.stderr
+    assert "--checkpoint PATH" in run.stderr and "checkpoint=" not in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("case", ["under-a-file", "channels", "store-is-input"])
+def test_store_and_input_are_checked_before_the_model_loads(tmp_path, oracle, capsys, case):
+    np.save(tmp_path / "in.npy", stack())
+    store, source = tmp_path / "s.zarr", tmp_path / "in.npy"
+    if case == "under-a-file":
+        (tmp_path / "file.txt").write_text("x")
+        store = tmp_path / "file.txt" / "s.zarr"
+    elif case == "channels":
+        np.save(source, np.zeros((32, 40, 2), np.uint16))  # channel-last, not 32 images of 40x2
+    else:
+        store = source
+    assert main(["embed", str(source), "--store", str(store), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert {"under-a-file": "is a file", "channels": "looks like 2 channels",
+            "store-is-input": "refusing to overwrite the input"}[case] in err
+    assert oracle.build_calls == [] and oracle.encode_calls == 0
+    assert np.load(source).shape in ((6, 40, 48), (32, 40, 2))

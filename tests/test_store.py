@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 import threading
 import tracemalloc
@@ -14,8 +15,9 @@ from oracle import OracleSam
 
 from napari_sam.engine import SamPredictor
 from napari_sam.engine.stack import StackView, VolumeEmbeddings
-from napari_sam.engine.store import (EmbeddingStore, StoreMismatchError, StoreWriteError,
-                                     outward_order, read_store_info)
+from napari_sam.engine.store import (FORMAT_VERSION, EmbeddingStore, StoreError,
+                                     StoreMismatchError, StoreReadError, StoreWriteError,
+                                     outward_order, read_store_info, stored_contrast_limits)
 from napari_sam.engine.volume import run_generator
 
 
@@ -86,9 +88,14 @@ def test_one_normalisation_for_the_whole_stack(tmp_path):
     assert (emb.features - per_slice.features).abs().max() > 10
 
 
-@pytest.mark.parametrize("change", ["data", "model", "normalisation"])
-def test_a_different_signature_recomputes_with_a_message(stored, change):
-    path, vol, _ = stored
+def snapshot(path):
+    """Every file and folder under ``path`` with its bytes and mtime (to prove nothing changed)."""
+    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+            for p in sorted(path.rglob("*"))}
+
+
+def changed_input(change, vol):
+    """(volume, model, contrast_limits) differing from the ``stored`` fixture's in ``change``."""
     model, limits = OracleSam(256), "auto"
     if change == "data":
         vol = vol.copy()
@@ -97,14 +104,133 @@ def test_a_different_signature_recomputes_with_a_message(stored, change):
         model.signature = "oracle:other-weights"
     else:
         limits = (0, 100)
-    with pytest.raises(StoreMismatchError, match=change):
-        EmbeddingStore.open(path, vol, model, contrast_limits=limits, on_mismatch="error")
-    assert read_store_info(path)["n_ready"] == len(vol)  # "error" leaves it alone
-    store = EmbeddingStore.open(path, vol, model, contrast_limits=limits)
-    assert store.status.state == "recomputed" and change in store.status.changed
+    return vol, model, limits
+
+
+@pytest.mark.parametrize("change", ["data", "model", "normalisation"])
+def test_a_different_signature_is_refused_by_default_and_recomputed_on_request(stored, change):
+    path, vol, _ = stored
+    vol, model, limits = changed_input(change, vol)
+    before = snapshot(path)
+    with pytest.raises(StoreMismatchError, match=change) as info:
+        EmbeddingStore.open(path, vol, model, contrast_limits=limits)  # default: "error"
+    assert "on_mismatch='recompute'" in str(info.value) and str(path) in str(info.value)
+    assert info.value.changed == (change,) and info.value.path == path
+    assert snapshot(path) == before  # refused: nothing touched
+    store = EmbeddingStore.open(path, vol, model, contrast_limits=limits, on_mismatch="recompute")
+    assert store.status.state == "recomputed" and store.status.changed == (change,)
     assert change in store.status.message and not store.ready.any()
     run_generator(store.precompute())
     assert model.encode_calls == len(vol)
+    assert EmbeddingStore.open(path, vol, model, contrast_limits=limits).status.state == "reused"
+
+
+def test_mismatch_messages_say_what_differs(stored):
+    path, vol, _ = stored
+    with pytest.raises(StoreMismatchError, match=r"normalisation \(contrast limits None "
+                       r"in the store, \[0, 100\] now\)"):
+        EmbeddingStore.open(path, vol, OracleSam(256), contrast_limits=(0, 100))
+    with pytest.raises(StoreMismatchError, match=r"data \(shape \[10, 40, 56\] in the store, "
+                       r"\[11, 40, 56\] now\)"):
+        EmbeddingStore.open(path, make_volume(n=11), OracleSam(256))
+    with pytest.raises(StoreMismatchError, match=r"data \(same shape, other pixels\)"):
+        EmbeddingStore.open(path, vol[::-1].copy(), OracleSam(256))
+
+
+def test_a_package_upgrade_keeps_the_store_a_format_change_does_not(stored):
+    path, vol, _ = stored
+    attrs = json.loads((path / ".zattrs").read_text())
+    assert "package_version" in attrs["napari_sam_store"]  # still recorded, as information
+    attrs["napari_sam_store"]["package_version"] = "0.0.1"  # made by an older napari-sam
+    (path / ".zattrs").write_text(json.dumps(attrs))
+    model = OracleSam(256)
+    store = EmbeddingStore.open(path, vol, model)
+    assert store.status.state == "reused" and store.ready.all()
+    assert run_generator(store.precompute()).n_computed == 0 and model.encode_calls == 0
+    del attrs["napari_sam_store"]["package_version"]  # not recorded at all: fine too
+    (path / ".zattrs").write_text(json.dumps(attrs))
+    assert EmbeddingStore.open(path, vol, model).status.state == "reused"
+    attrs["napari_sam_store"]["format"] = FORMAT_VERSION + 1
+    (path / ".zattrs").write_text(json.dumps(attrs))
+    with pytest.raises(StoreMismatchError, match="store format") as info:
+        EmbeddingStore.open(path, vol, model)
+    assert info.value.changed == ("format",) and not info.value.usable_read_only
+
+
+def test_recompute_removes_only_what_the_store_wrote(stored):
+    path, vol, _ = stored
+    (path / "notes.txt").write_text("mine")
+    (path / "features" / "README").write_text("also mine")
+    (path / "analysis").mkdir()
+    (path / "analysis" / "result.csv").write_text("1,2")
+    vol = vol.copy()
+    vol[0, 0, 0] = 1
+    model = OracleSam(256)
+    store = EmbeddingStore.open(path, vol, model, on_mismatch="recompute")
+    assert store.status.state == "recomputed" and not store.ready.any()
+    assert (path / "notes.txt").read_text() == "mine"
+    assert (path / "features" / "README").read_text() == "also mine"
+    assert (path / "analysis" / "result.csv").read_text() == "1,2"
+    assert not features_file(path, 3).exists()  # the old chunks are gone
+    run_generator(store.precompute())
+    again = EmbeddingStore.open(path, vol, OracleSam(256))
+    assert again.status.state == "reused" and again.ready.all()
+    assert run_generator(again.verify()) == 0
+    assert (path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("change", ["data", "normalisation"])
+def test_read_only_serves_stored_slices_and_never_writes(stored, change):
+    path, vol, first = stored
+    stored_features = EmbeddingStore.open(path, vol, first).get(4).features
+    raw = bytearray(features_file(path, 7).read_bytes())
+    raw[100] ^= 0xFF  # a damaged slice: forgotten in memory, not on disk
+    features_file(path, 7).write_bytes(bytes(raw))
+    vol, model, limits = changed_input(change, vol)
+    before = snapshot(path)
+    store = EmbeddingStore.open(path, vol, model, contrast_limits=limits, on_mismatch="read_only")
+    assert store.read_only and store.status.state == "read_only"
+    assert f"read-only, made for a different {change}" in store.status.message
+    assert store.status.changed == (change,) and store.ready.all()
+    torch.testing.assert_close(store.embedding(4).features, stored_features)  # as stored
+    assert model.encode_calls == 0
+    assert store.get(7) is None and not store.ready[7]  # damaged
+    emb = store.embedding(7)  # encoded in memory, not stored
+    assert model.encode_calls == 1 and store.embedding(7) is emb and model.encode_calls == 1
+    assert run_generator(store.verify()) == 0
+    with pytest.raises(StoreError, match="read-only"):
+        store.put(7, emb)
+    with pytest.raises(StoreError, match="read-only"):
+        store.precompute()  # refused at once, not at the first next()
+    assert snapshot(path) == before
+    assert read_store_info(path)["n_ready"] == len(vol)
+
+
+@pytest.mark.parametrize("change", ["model", "size", "slices"])
+def test_read_only_refuses_features_of_another_model_or_size(stored, change):
+    path, vol, _ = stored
+    model = OracleSam(256)
+    if change == "model":
+        model.signature = "oracle:other-weights"
+    elif change == "size":
+        vol = make_volume(w=60)
+    else:
+        vol = make_volume(n=12)
+    before = snapshot(path)
+    with pytest.raises(StoreMismatchError, match="cannot be used, even read-only") as info:
+        EmbeddingStore.open(path, vol, model, on_mismatch="read_only")
+    assert not info.value.usable_read_only and "on_mismatch='recompute'" in str(info.value)
+    assert {"model": "model", "size": "image size", "slices": "this stack 12"}[change] in str(info.value)
+    with pytest.raises(StoreMismatchError) as refused:
+        EmbeddingStore.open(path, vol, model)
+    assert "on_mismatch='read_only'" not in str(refused.value)  # not offered where useless
+    assert snapshot(path) == before
+
+
+def test_a_matching_store_opened_with_read_only_fallback_is_reused(stored):
+    path, vol, _ = stored
+    store = EmbeddingStore.open(path, vol, OracleSam(256), on_mismatch="read_only")
+    assert store.status.state == "reused" and not store.read_only
 
 
 def test_damaged_slices_are_detected_and_recomputed(stored):
@@ -126,23 +252,79 @@ def test_damaged_slices_are_detected_and_recomputed(stored):
     assert run_generator(EmbeddingStore.open(path, vol, model).verify()) == 0
 
 
-def test_corrupt_metadata_or_flags_never_crash(stored):
+def test_damaged_flags_are_missing_slices(stored):
     path, vol, _ = stored
     (path / "done" / "4").write_bytes(b"\x01")  # truncated flag chunk
     store = EmbeddingStore.open(path, vol, OracleSam(256))
     assert store.status.state == "reused" and not store.ready[4] and store.ready.sum() == 9
-    (path / ".zattrs").write_text("{not json")
-    model = OracleSam(256)
-    store = EmbeddingStore.open(path, vol, model)
-    assert store.status.state == "rebuilt" and "unreadable" in store.status.message
-    run_generator(store.precompute())
-    assert model.encode_calls == len(vol)
-    (path / "done" / ".zarray").unlink()
-    assert EmbeddingStore.open(path, vol, OracleSam(256)).status.state == "rebuilt"
-    run_generator(EmbeddingStore.open(path, vol, OracleSam(256)).precompute())
     shutil.rmtree(path / "features")  # flags left without data: nothing is ready
     store = EmbeddingStore.open(path, vol, OracleSam(256))
     assert not store.ready.any() and run_generator(store.precompute()).n_computed == len(vol)
+
+
+@pytest.mark.parametrize("damage", ["attrs", "signature", "done-metadata", "done-shape"])
+def test_an_unreadable_store_is_refused_and_left_as_it_is(stored, damage):
+    path, vol, _ = stored
+    if damage == "attrs":
+        (path / ".zattrs").write_text("{not json")
+        cause = "JSONDecodeError"
+    elif damage == "signature":
+        (path / ".zattrs").write_text('{"other": 1}')
+        cause = "KeyError"
+    elif damage == "done-metadata":
+        (path / "done" / ".zarray").unlink()
+        cause = "done"
+    else:
+        meta = json.loads((path / "done" / ".zarray").read_text())
+        meta["shape"] = [3]
+        (path / "done" / ".zarray").write_text(json.dumps(meta))
+        cause = "expected done flags of shape (10,)"
+    before = snapshot(path)
+    for on_mismatch in ("error", "recompute", "read_only"):
+        with pytest.raises(StoreReadError) as info:
+            EmbeddingStore.open(path, vol, OracleSam(256), on_mismatch=on_mismatch)
+        message = str(info.value)
+        assert isinstance(info.value, StoreError) and str(path) in message and cause in message
+        assert "left as it is" in message and "\n" not in message
+        assert snapshot(path) == before
+
+
+def test_stored_normalisation(stored, tmp_path):
+    path, vol, _ = stored
+    store = EmbeddingStore.open(tmp_path / "c.zarr", vol, OracleSam(256), contrast_limits=(10, 90))
+    info = read_store_info(tmp_path / "c.zarr")
+    assert info["normalisation"]["contrast_limits"] == [10.0, 90.0]
+    reopened = EmbeddingStore.open(tmp_path / "c.zarr", vol, OracleSam(256), contrast_limits="stored")
+    assert reopened.contrast_limits == (10.0, 90.0) and reopened.status.state == "reused"
+    assert stored_contrast_limits(tmp_path / "c.zarr") == (10.0, 90.0)
+    # no store there yet: "stored" is "auto"
+    wide = vol.astype(np.uint16) * 20
+    fresh = EmbeddingStore.open(tmp_path / "n.zarr", wide, OracleSam(256), contrast_limits="stored")
+    auto = EmbeddingStore.open(tmp_path / "a.zarr", wide, OracleSam(256), contrast_limits="auto")
+    assert fresh.status.state == "created" and fresh.contrast_limits == auto.contrast_limits
+    assert fresh.contrast_limits is not None
+    # a store recording None (uint8 passed through as is): "stored" gives None back
+    none = EmbeddingStore.open(tmp_path / "u.zarr", vol, OracleSam(256), contrast_limits=None)
+    assert read_store_info(tmp_path / "u.zarr")["normalisation"]["contrast_limits"] is None
+    again = EmbeddingStore.open(tmp_path / "u.zarr", vol, OracleSam(256), contrast_limits="stored")
+    assert none.contrast_limits is None and again.contrast_limits is None
+    assert again.status.state == "reused"
+
+
+def test_get_takes_the_lock_put_takes(stored):
+    path, vol, model = stored
+    store = EmbeddingStore.open(path, vol, model)
+    results = []
+    store._lock.acquire()  # as a worker in the middle of put() would hold it
+    try:
+        reader = threading.Thread(target=lambda: results.append(store.get(2)))
+        reader.start()
+        reader.join(0.3)
+        assert reader.is_alive() and not results  # waits for the writer
+    finally:
+        store._lock.release()
+    reader.join(5)
+    assert not reader.is_alive() and results[0] is not None
 
 
 class _FullDisk:

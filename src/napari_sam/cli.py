@@ -2,6 +2,10 @@
 
 Each command lives in ``napari_sam._cli.<name>`` and provides ``add_parser(subparsers)``
 (registering its arguments and ``func``) and returns an exit code from ``func(args)``.
+
+Ctrl-C at any point of :func:`main` (imports of the commands, model loading, the work,
+writing) exits with code 130 and one line, never a traceback. Commands import the
+engine (torch) lazily, inside :func:`main`.
 """
 
 from __future__ import annotations
@@ -30,11 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("napari-sam: cancelled", file=sys.stderr)
+        print("napari-sam: interrupted", file=sys.stderr)
         return 130
 
 

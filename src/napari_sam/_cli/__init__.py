@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from ..engine.device import PRECISIONS
 from ..model.config import MODEL_CONFIGS
@@ -13,6 +14,16 @@ MODELS = tuple(MODEL_CONFIGS)
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --checkpoint, --device, --precision: the same for every command."""
     parser.add_argument("--model", default="vit_b", choices=MODELS, help="model type (default vit_b)")
-    parser.add_argument("--checkpoint", help="checkpoint file (default: official one, downloaded once)")
+    parser.add_argument("--checkpoint", metavar="PATH",
+                        help="checkpoint file (default: official one, downloaded once)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="image encoder precision")
+
+
+def cli_wording(message: str) -> str:
+    """An engine message worded for the command line: Python keyword arguments such as
+    ``checkpoint=`` become the matching options (``--checkpoint PATH``); one line."""
+    message = re.sub(r"pass its path as `checkpoint=`", "pass its path with --checkpoint PATH",
+                     message)
+    message = re.sub(r"`?\bcheckpoint=(\"[^\"]*\"|'[^']*')?`?", "--checkpoint PATH", message)
+    return " ".join(message.split())

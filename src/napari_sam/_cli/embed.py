@@ -1,13 +1,18 @@
 """napari-sam embed INPUT --store OUT.zarr: precompute a stack's embeddings on disk.
 
 Run it on a bigger machine or overnight; the viewer then opens the store and segments
-without encoding. Rerunning resumes: slices already stored are not encoded again; a
-store made for other data or another model is recomputed (or, with --on-mismatch error,
-refused).
+without encoding. Rerunning resumes: slices already stored are not encoded again. A store
+made for other data, another model or another normalisation is refused (nothing is
+deleted) unless --on-mismatch recompute, which clears what the store wrote and encodes
+again. Upgrading napari-sam keeps stores valid.
+
+Normalisation: one pair of contrast limits for the whole stack, by default robust
+percentiles of the stack ("auto", what the viewer uses for a new store too), or
+--contrast-limits LOW HIGH.
 
 Exit codes: 0 done, 1 failed while computing/writing (e.g. disk full: stored slices stay
-valid, rerun to resume), 2 bad input or arguments (or a store made for other data with
---on-mismatch error), 130 interrupted (rerun to resume).
+valid, rerun to resume; weights download), 2 bad input or arguments (or a store made for
+something else, or unreadable), 130 interrupted (rerun to resume).
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-from . import add_model_arguments
+from . import add_model_arguments, cli_wording
+from .files import check_image_size, check_writable_folder, read_stack, refuse_overlap
 
+__all__ = ["add_parser", "read_stack", "run"]
 
 
 def add_parser(subparsers) -> None:
@@ -38,56 +44,28 @@ def add_parser(subparsers) -> None:
                    help="map LOW..HIGH to 0..255 (default: robust percentiles of the stack)")
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"),
                    help="storage precision (default float16)")
-    p.add_argument("--on-mismatch", default="recompute", choices=("recompute", "error"),
-                   help="if the store was made for other data or another model")
+    p.add_argument("--on-mismatch", default="error", choices=("error", "recompute"),
+                   help="if the store was made for other data, another model or another "
+                        "normalisation: refuse (default) or clear it and recompute")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
-def read_stack(path: Path):
-    """A lazily read array for ``path`` (memory-mapped or chunked where possible)."""
-    if not path.exists():
-        raise ValueError(f"expected an existing input file, got {path} (not found)")
-    suffix = "".join(path.suffixes[-1:]).lower()
-    if suffix in (".tif", ".tiff"):
-        import tifffile
-
-        try:
-            return tifffile.memmap(path, mode="r")
-        except Exception:  # noqa: BLE001 - compressed/tiled: read it chunk-wise instead
-            pass
-        try:
-            import zarr
-
-            store = tifffile.imread(path, aszarr=True)
-            array = zarr.open(store, mode="r")
-            return array["0"] if hasattr(array, "keys") and "0" in array else array
-        except Exception:  # noqa: BLE001 - last resort: read it whole
-            return tifffile.imread(path)
-    if suffix == ".npy":
-        return np.load(path, mmap_mode="r")
-    if suffix == ".zarr" or path.is_dir():
-        import zarr
-
-        array = zarr.open(str(path), mode="r")
-        if not hasattr(array, "shape"):
-            raise ValueError(f"expected a zarr array at {path}, got a group")
-        return array
-    raise ValueError(f"expected a .tif, .tiff, .npy or .zarr input, got {path.name}")
-
-
 def run(args) -> int:
-    from tqdm import tqdm
-
-    from ..engine import build_sam
-    from ..engine.stack import StackView
-    from ..engine.store import EmbeddingStore, StoreError, StoreMismatchError
-    from ..engine.weights import CheckpointDownloadError
-    from ..model.checkpoint import CheckpointError
-
     def fail(code: int, message: str) -> int:
-        print(f"napari-sam embed: error: {message}", file=sys.stderr)
+        print(f"napari-sam embed: error: {cli_wording(message)}", file=sys.stderr)
         return code
+
+    store_path = Path(args.store)
+    try:  # before any reading or model loading: where the store goes
+        refuse_overlap(store_path, "a --store", {"input": Path(args.input)})
+        if store_path.exists() and not store_path.is_dir():
+            raise ValueError(f"expected a folder for --store, got the file {store_path}")
+        check_writable_folder(store_path / ".napari-sam-store", "the --store", create=False)
+    except ValueError as exc:
+        return fail(2, str(exc))
+
+    from ..engine.stack import StackView
 
     try:
         stack = read_stack(Path(args.input))
@@ -96,23 +74,43 @@ def run(args) -> int:
     except Exception as exc:  # noqa: BLE001 - a corrupt file: say so, no traceback
         return fail(2, f"cannot read {args.input}: {type(exc).__name__}: {exc}")
     try:
-        n = len(StackView(stack, args.axis))
+        view = StackView(stack, args.axis)
+        shape = tuple(view.shape)
+        check_image_size(shape, view.slice_shape, last_is_width=len(shape) == 3 and view.axis != 2,
+                         expected="a stack (N, H, W) or (N, H, W, 3|4)")
     except ValueError as exc:
         return fail(2, f"{args.input}: {exc}")
+    n = len(view)
     center = n // 2 if args.center is None else args.center
     if not 0 <= center < n:
         return fail(2, f"expected --center in [0, {n - 1}], got {center}")
+
+    from tqdm import tqdm
+
+    from .. import engine
+    from ..engine.store import (EmbeddingStore, StoreError, StoreMismatchError,
+                                StoreReadError)
+    from ..engine.weights import CheckpointDownloadError
+    from ..model.checkpoint import CheckpointError
+
     try:
-        model = build_sam(args.model, args.checkpoint, device=args.device, precision=args.precision)
+        model = engine.build_sam(args.model, args.checkpoint, device=args.device,
+                                 precision=args.precision)
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         return fail(2, str(exc))
     except CheckpointDownloadError as exc:
         return fail(1, str(exc))
     try:
-        store = EmbeddingStore.open(args.store, stack, model, axis=args.axis,
+        store = EmbeddingStore.open(store_path, stack, model, axis=args.axis,
                                     contrast_limits=args.contrast_limits or "auto",
                                     dtype=args.dtype, on_mismatch=args.on_mismatch)
-    except (ValueError, StoreMismatchError) as exc:
+    except StoreMismatchError as exc:
+        resume = (" (or pass the store's --contrast-limits to resume it)"
+                  if "normalisation" in exc.changed else "")
+        return fail(2, f"store {store_path} was made for a different {exc.details}: rerun with "
+                       "--on-mismatch recompute to clear it and encode again, or choose "
+                       f"another --store{resume}")
+    except (ValueError, StoreReadError) as exc:
         return fail(2, str(exc))
     except StoreError as exc:
         return fail(1, str(exc))

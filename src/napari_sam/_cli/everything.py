@@ -3,10 +3,13 @@
 INPUT is a 2D image ((H, W) grayscale or (H, W, 3|4) colour) or a stack ((N, H, W) or
 (N, H, W, 3|4)) in .tif/.tiff, .png/.jpg, .npy or .zarr. A stack is segmented slice by
 slice and objects overlapping in consecutive slices share one id (--link-iou). The output
-is a label image of the same spatial shape (uint16, or uint32 above 65535 objects).
+is a label image of the same spatial shape (uint16, or uint32 above 65535 objects), as
+.tif/.tiff or .npy; it is written whole or not at all (a temporary file in the same folder,
+then renamed), and never over the input. Images must be at least 8 x 8 pixels.
 
 Exit codes: 0 done, 1 failed while computing or writing (e.g. weights download), 2 bad
-input or arguments, 130 interrupted.
+input or arguments (checked before any model is loaded, the output folder included),
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -16,7 +19,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from . import add_model_arguments
+
+from . import add_model_arguments, cli_wording
+from .files import (check_image_size, check_writable_folder, read_stack, refuse_overlap,
+                    write_atomic)
+
+OUTPUT_SUFFIXES = (".tif", ".tiff", ".npy")
 
 # flag: (type, default, help) — the generator's own parameters and defaults
 GENERATOR_FLAGS = {
@@ -42,7 +50,7 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", help="image or stack: .tif/.tiff, .png/.jpg, .npy or .zarr")
-    p.add_argument("-o", "--output", required=True, help="output label image (.tif/.tiff)")
+    p.add_argument("-o", "--output", required=True, help="output label image (.tif/.tiff or .npy)")
     add_model_arguments(p)
     for name, (kind, default, help_text) in GENERATOR_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=default,
@@ -67,8 +75,6 @@ def read_input(path: Path):
 
         with Image.open(path) as img:
             return np.asarray(img)
-    from .embed import read_stack
-
     return read_stack(path)
 
 
@@ -79,14 +85,45 @@ def as_stack(data, rgb: str):
     if rgb == "yes" and not colour:
         raise ValueError(f"expected a last axis of size 3 or 4 with --rgb yes, got shape {shape}")
     spatial = len(shape) - colour
-    if spatial == 2:
-        return data[None], True
-    if spatial == 3:
-        return data, False
-    raise ValueError(f"expected (H, W), (H, W, 3|4), (N, H, W) or (N, H, W, 3|4), got shape {shape}")
+    expected = "(H, W), (H, W, 3|4), (N, H, W) or (N, H, W, 3|4)"
+    if spatial not in (2, 3):
+        raise ValueError(f"expected {expected}, got shape {shape}")
+    check_image_size(shape, shape[spatial - 2:spatial], last_is_width=not colour, expected=expected)
+    return (data[None], True) if spatial == 2 else (data, False)
+
+
+def check_output(output: Path, input_path: Path) -> None:
+    """Before any work: a label-image suffix, not the input (nor inside it, nor inside an
+    embedding store), in a folder that exists (or is made now) and is writable."""
+    if output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"expected an output ending in .tif, .tiff or .npy, got {output.name}")
+    refuse_overlap(output, "an output", {"input": input_path})
+    if output.is_dir():
+        raise ValueError(f"expected an output file, got the folder {output}")
+    check_writable_folder(output, "the output", create=True)
+
+
+def write_labels(output: Path, labels: np.ndarray) -> None:
+    """Write ``labels`` to ``output`` (.tif/.tiff zlib-compressed, or .npy) atomically."""
+    if output.suffix.lower() == ".npy":
+        write_atomic(output, lambda f: np.save(f, labels, allow_pickle=False))
+    else:
+        import tifffile
+
+        write_atomic(output, lambda f: tifffile.imwrite(f, labels, compression="zlib"))
 
 
 def run(args) -> int:
+    def fail(code: int, message: str) -> int:
+        print(f"napari-sam everything: error: {cli_wording(message)}", file=sys.stderr)
+        return code
+
+    output, input_path = Path(args.output), Path(args.input)
+    try:
+        check_output(output, input_path)
+    except ValueError as exc:
+        return fail(2, str(exc))
+
     from tqdm import tqdm
 
     from .. import engine
@@ -95,15 +132,8 @@ def run(args) -> int:
     from ..engine.weights import CheckpointDownloadError
     from ..model.checkpoint import CheckpointError
 
-    def fail(code: int, message: str) -> int:
-        print(f"napari-sam everything: error: {message}", file=sys.stderr)
-        return code
-
-    output = Path(args.output)
-    if output.suffix.lower() not in (".tif", ".tiff"):
-        return fail(2, f"expected an output ending in .tif or .tiff, got {output.name}")
     try:
-        stack, single = as_stack(read_input(Path(args.input)), args.rgb)
+        stack, single = as_stack(read_input(input_path), args.rgb)
         limits = tuple(args.contrast_limits) if args.contrast_limits else None
         if limits is None and not single:  # one normalisation for every slice
             limits = volume_contrast_limits(StackView(stack))
@@ -138,12 +168,10 @@ def run(args) -> int:
     labels = labels[0] if single else labels
     dtype = np.uint16 if labels.max(initial=0) <= np.iinfo(np.uint16).max else np.uint32
     try:
-        import tifffile
-
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tifffile.imwrite(output, labels.astype(dtype), compression="zlib")
+        write_labels(output, labels.astype(dtype))
     except OSError as exc:
-        return fail(1, f"cannot write {output}: {exc}")
+        return fail(1, f"cannot write {output}: {exc.strerror or exc}; an earlier file there "
+                       "is unchanged")
     n = len(np.unique(labels)) - (labels.min(initial=0) == 0)
     print(f"{n} objects in {output} ({labels.shape}, {np.dtype(dtype).name})", file=sys.stderr)
     return 0
