@@ -47,34 +47,53 @@ def tiny_sam(tiny_reference_and_checkpoint):
 
 @pytest.fixture(scope="module")
 def shared_viewer(qapp):
-    """One hidden napari viewer per test module (creating one costs seconds here)."""
+    """One napari viewer per test module (creating one costs seconds here), shown (under
+    Xvfb) so that screenshots are real. Every GUI test uses it: napari's own
+    ``make_napari_viewer`` swaps the plugin manager, and a plain ``napari.Viewer`` made
+    after it fails to register napari's builtin plugins again."""
     import napari
 
-    viewer = napari.Viewer(show=False)
+    viewer = napari.Viewer(show=True)
     yield viewer
     viewer.close()
 
 
 @pytest.fixture
 def viewer(shared_viewer):
-    """The module's viewer, emptied and in 2D before and after each test."""
+    """The module's viewer, emptied, in 2D and with a new napari-sam session before and
+    after each test."""
+    from napari_sam._napari.session import drop_session
+
     shared_viewer.layers.clear()
     shared_viewer.dims.ndisplay = 2
+    drop_session(shared_viewer)
     yield shared_viewer
+    shared_viewer.window.remove_dock_widget("all")  # closing runs the widgets' clean-up
     shared_viewer.layers.clear()
+    drop_session(shared_viewer)
+
+
+def dock(viewer, name: str = "Segment Anything"):
+    """Open a napari-sam widget as the Plugins menu does (napari hands it a proxy of the
+    viewer); returns the widget."""
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-sam", name)
+    return widget
+
+
+def close(viewer, widget) -> None:
+    """Close a docked widget as its x button does."""
+    viewer.window.remove_dock_widget(widget)
 
 
 @pytest.fixture
 def make_widget(viewer, qtbot):
-    """Factory of Segment Anything widgets with their own session; waits for their
-    background work and cleans them up after the test."""
-    from napari_sam._napari.session import SamSession
-    from napari_sam._napari.widget import SegmentAnythingWidget
-
+    """Factory of docked Segment Anything widgets (``add_plugin_dock_widget``, as users
+    open them; they share the viewer's session); waits for their background work and
+    closes them after the test."""
     made = []
 
     def make(model=None, auto_encode=True):
-        widget = SegmentAnythingWidget(viewer, session=SamSession())
+        widget = dock(viewer, "Segment Anything")
         widget.segmenter.auto_encode = auto_encode
         if model is not None:
             widget.set_model(model)
@@ -87,8 +106,10 @@ def make_widget(viewer, qtbot):
         qtbot.waitUntil(
             lambda w=widget: not w.segmenter.encoding and not w.volume.running, timeout=20000
         )
-        widget.cleanup()
-        widget.deleteLater()
+        try:
+            close(viewer, widget)
+        except LookupError:  # the test closed it already
+            pass
 
 
 def patch_build_sam(monkeypatch, model):

@@ -7,9 +7,10 @@ import time
 import numpy as np
 import pytest
 
+from conftest import dock
 from napari_sam._napari.everything_widget import SegmentEverythingWidget
 from napari_sam._napari.geometry import current_plane
-from napari_sam._napari.session import SamSession
+from napari_sam._napari.session import session_for
 from test_automatic_oracle import FastOracle, draw_objects, iou
 
 pytestmark = pytest.mark.gui
@@ -26,9 +27,10 @@ class SlowDecoder(FastOracle):
 
 
 def make_widget(viewer, model):
-    session = SamSession()
-    session.set_model(model)
-    widget = SegmentEverythingWidget(viewer, session=session)
+    """The Segment Everything widget docked as the Plugins menu does, with ``model`` in
+    the viewer's session."""
+    widget = dock(viewer, "Segment Everything")
+    session_for(viewer).set_model(model)
     widget.set_params(**FAST)
     return widget
 
@@ -42,8 +44,7 @@ def majority_ids(labels, truth):
     return ids
 
 
-def test_slice_into_new_then_existing_layer_with_undo(make_napari_viewer):
-    viewer = make_napari_viewer()
+def test_slice_into_new_then_existing_layer_with_undo(viewer):
     image, truth = draw_objects((220, 256), grid=(3, 3), seed=3, radius=(12, 32))
     layer = viewer.add_image(image, scale=(0.5, 2.0), translate=(10, -4))
     oracle = FastOracle(image_size=256)
@@ -76,8 +77,7 @@ def test_slice_into_new_then_existing_layer_with_undo(make_napari_viewer):
     np.testing.assert_array_equal(labels.data, before)
 
 
-def test_stack_links_objects_through_z_and_dock(make_napari_viewer):
-    viewer = make_napari_viewer()
+def test_stack_links_objects_through_z_and_dock(viewer):
     z, y, x = np.mgrid[0:5, 0:110, 0:128]
     truth = [
         (z - 2) ** 2 * 40 + (y - 40) ** 2 + (x - 40) ** 2 < 30**2,
@@ -100,8 +100,7 @@ def test_stack_links_objects_through_z_and_dock(make_napari_viewer):
     assert len(widget.session.cache) == 5  # every slice's embedding went through the session cache
 
 
-def test_cancel_leaves_existing_labels_untouched(make_napari_viewer, qtbot):
-    viewer = make_napari_viewer()
+def test_cancel_leaves_existing_labels_untouched(viewer, qtbot):
     image, _ = draw_objects((220, 256), grid=(3, 3), seed=3, radius=(12, 32))
     viewer.add_image(image)
     existing = np.zeros(image.shape, np.int32)
@@ -122,15 +121,15 @@ def test_cancel_leaves_existing_labels_untouched(make_napari_viewer, qtbot):
     assert "cancelled" in widget.status
 
 
-def test_bad_input_gives_a_message_not_a_traceback(make_napari_viewer):
-    viewer = make_napari_viewer()
+def test_bad_input_gives_a_message_not_a_traceback(viewer):
     viewer.add_image(np.zeros((20, 30), np.uint8))
-    widget = SegmentEverythingWidget(viewer, session=SamSession())
+    widget = dock(viewer, "Segment Everything")
     assert widget.run(wait=True) is None and "load a model first" in widget.status
     widget.session.set_model(FastOracle(image_size=256))
     assert widget.run(scope="stack", wait=True) is None and "2D" in widget.status
     viewer.add_labels(np.zeros((5, 5), np.int32), name="small")
     widget.set_labels_layer(viewer.layers["small"])
-    assert widget.run(scope="slice", wait=True) is None and "expected a Labels layer of shape" in widget.status
+    small = widget.run(scope="slice", wait=True)  # written where it is shown: its 5x5 corner
+    assert small is viewer.layers["small"] and small.data.shape == (5, 5)
     with pytest.raises(ValueError, match="expected a parameter"):
         widget.set_params(points=3)

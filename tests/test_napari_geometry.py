@@ -10,7 +10,8 @@ from napari.components import ViewerModel
 from napari.layers import Image, Labels, Shapes
 
 from napari_sam._napari import geometry as g
-from napari_sam._napari.labels_io import commit_masks, ensure_labels_layer, label_mask_on_plane, next_free_id
+from napari_sam._napari.labels_io import (ensure_labels_layer, label_mask_on_plane, next_free_id,
+                                         objects_to_ids, write_objects)
 from napari_sam._napari.prompt_layers import (
     ensure_points_layer,
     ensure_preview_layer,
@@ -142,24 +143,29 @@ def test_commit_is_one_undo_step_and_never_overwrites(stack):
     b = np.zeros((30, 50), bool)
     b[5:15, 5:15] = True
     before = labels.data.copy()
-    result = commit_masks(labels, stack, plane, np.stack([a, b]))
+    result = write_objects(labels, stack, [plane], objects_to_ids(np.stack([a, b]))[None])
     assert result.label_ids == [8, 9] and next_free_id(labels) == 10
     assert (labels.data[2, 0:5, 0:5] == 7).all()  # kept
     assert (labels.data[2, 5:10, 5:10] == 8).all()  # first object keeps the overlap
-    assert result.skipped == [25, 25]
+    assert result.skipped == [25, 0]  # a: 25 px of label 7; the overlap of b went to a
     labels.undo()
     assert np.array_equal(labels.data, before)
     labels.redo()
-    result = commit_masks(labels, stack, plane, b[None], overwrite=True)
+    result = write_objects(labels, stack, [plane], objects_to_ids(b[None], True)[None], overwrite=True)
     assert (labels.data[2, 5:15, 5:15] == result.label_ids[0]).all()
 
 
-def test_commit_into_labels_of_another_geometry(stack):
-    """Labels at twice the image resolution: pixels are mapped through world space."""
-    fine = Labels(np.zeros((5, 60, 100), np.uint16), scale=(2.0, 0.25, 0.125), translate=(10.0, -3.0 - 0.125, 4.0 - 0.0625))
+def test_commit_into_labels_at_twice_the_resolution_fills_every_pixel(stack):
+    """Labels at twice the image resolution: every target pixel under the object is
+    written (iterating over target pixels), not one in four."""
+    fine = Labels(np.zeros((5, 60, 100), np.uint16), scale=(2.0, 0.25, 0.125),
+                  translate=(10.0, -3.0 - 0.125, 4.0 - 0.0625))
     plane = g.SlicePlane((1, 2), (1, -1, -1), (30, 50))
     mask = np.zeros((30, 50), bool)
     mask[10:20, 10:30] = True
-    commit_masks(fine, stack, plane, mask[None], label_ids=[3])
-    assert (fine.data[1] == 3).sum() == 200  # one target pixel per image pixel (nearest)
+    write_objects(fine, stack, [plane], mask[None].astype(int), fixed_ids={1: 3})
+    expected = np.zeros((60, 100), bool)
+    expected[20:40, 20:60] = True
+    np.testing.assert_array_equal(fine.data[1] == 3, expected)
+    assert not fine.data[[0, 2, 3, 4]].any()
     assert np.array_equal(label_mask_on_plane(fine, stack, plane, 3), mask)

@@ -55,10 +55,9 @@ def test_samples_are_real_images(monkeypatch):
 
 
 @pytest.mark.gui
-def test_dock_from_manifest_segment_and_see_it(make_napari_viewer, qtbot):
+def test_dock_from_manifest_segment_and_see_it(viewer, qtbot):
     from qtpy.QtCore import QPoint, Qt
 
-    viewer = make_napari_viewer(show=True)
     img = np.zeros((160, 256), np.uint8)
     img[40:120, 60:180] = 120
     viewer.add_image(img, name="blob")

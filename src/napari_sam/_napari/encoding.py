@@ -1,37 +1,56 @@
-"""Background encoding of the shown slice for :class:`InteractiveSegmenter`.
+"""Background encoding of the shown slice: :class:`SliceEncoder`.
 
-One worker at a time. Requests made while it runs are coalesced: when it finishes, the
-slice shown *then* is encoded (scrolling through 50 slices costs 2 encodings, not 50).
-A finished embedding always goes to the cache, but reaches the predictor only if its key
-(layer, data version, slice, model, contrast) is still the one on screen — a stale result
-is never applied to the wrong slice.
+One encoding at a time (through a :class:`~napari_sam._napari.jobs.JobRunner`). Requests
+made while it runs are coalesced: when it finishes, the slice shown *then* is encoded
+(scrolling through 50 slices costs 2 encodings, not 50). A finished embedding always goes
+to the cache, but reaches the predictor only if its key (layer, data version, slice, model,
+normalisation) is still the one on screen — a stale result is never applied to the wrong
+slice.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
+
+from .jobs import JobRunner
 
 
-class EncodingMixin:
-    """Needs ``session``, ``image_layer``, ``plane``, ``auto_encode``, ``_status``,
-    ``update_preview`` and ``changed`` from the class it is mixed into."""
+class SliceEncoder:
+    """Keeps the predictor of ``session`` on the embedding of the shown slice.
 
-    def _init_encoding(self) -> None:
+    Args:
+        session: the viewer's :class:`~napari_sam._napari.session.SamSession`.
+        shown: ``shown() -> (image_layer, plane) | None``, what the viewer shows now.
+        report: ``report(message)`` for the user.
+        on_ready: called (GUI thread) when the shown slice's embedding became current.
+        auto_encode: ``auto_encode()`` tells whether a finished job may start the next.
+    """
+
+    def __init__(self, session, shown: Callable, report: Callable[[str], None],
+                 on_ready: Callable[[], None], auto_encode: Callable[[], bool]) -> None:
+        self.session, self._shown, self._report = session, shown, report
+        self._on_ready, self._auto_encode = on_ready, auto_encode
+        self.runner = JobRunner(report)
+        self.runner.busy_changed.connect(self._on_busy_changed)
         self._active = None  # (EmbeddingKey, ImageEmbedding) of the shown slice
-        self._worker = None
-        self._worker_key = None
+        self._job_key = None
         self._pending = False
-        self._failed_key = None
+        self.failed_key = None
 
-    def _current_key(self):
-        if self.image_layer is None or self.plane is None or not self.session.has_model:
+    def reset(self) -> None:
+        """Forget the active embedding (model or image changed)."""
+        self._active, self.failed_key = None, None
+
+    def current_key(self):
+        shown = self._shown()
+        if shown is None or not self.session.has_model:
             return None
-        return self.session.key_for(self.image_layer, self.plane)
+        return self.session.key_for(*shown)
 
-    def _ensure_embedding(self) -> bool:
+    def activate(self) -> bool:
         """Make the shown slice's embedding current in the predictor if it is available
         (never encodes). Cheap when it already is current."""
-        key = self._current_key()
+        key = self.current_key()
         if key is None:
             return False
         if self._active is None or self._active[0] != key:
@@ -48,17 +67,16 @@ class EncodingMixin:
     @property
     def encoding(self) -> bool:
         """True while a background encoding runs."""
-        return self._worker is not None
+        return self.runner.running
 
     @property
-    def embedding_ready(self) -> bool:
+    def ready(self) -> bool:
         """True when the shown slice is encoded (prompts decode immediately)."""
-        key = self._current_key()
+        key = self.current_key()
         return key is not None and (
-            (self._active is not None and self._active[0] == key) or key in self.session.cache
-        )
+            (self._active is not None and self._active[0] == key) or key in self.session.cache)
 
-    def request_encoding(self, wait: bool = False) -> bool:
+    def request(self, wait: bool = False) -> bool:
         """Encode the shown slice unless cached.
 
         Args:
@@ -67,73 +85,60 @@ class EncodingMixin:
             True when the embedding is ready now (cached, or ``wait``), False when a
             worker was started (or queued) or nothing can be encoded yet.
         """
-        key = self._current_key()
+        key = self.current_key()
         if key is None:
             if not self.session.has_model:
-                self._status("load a model first (Load model)")
+                self._report("load a model first (Load model)")
             return False
-        if self._ensure_embedding():
+        if self.activate():
             return True
         if wait:
-            if self._worker is not None and self._worker_key == key:
-                self.wait_for_encoding()  # it is encoding this very slice
-                if self._ensure_embedding():
-                    self.update_preview()
+            if self.runner.running and self._job_key == key:
+                self.runner.wait()  # it is encoding this very slice
+                if self.activate():
                     return True
-            embedding = self.session.embedding(self.image_layer, self.plane)
-            self._active = (key, embedding)
-            self._ensure_embedding()
-            self.update_preview()
-            self.changed.emit()
+            layer, plane = self._shown()
+            self._active = (key, self.session.embedding(layer, plane))
+            self.activate()
             return True
-        if self._worker is not None:
-            if self._worker_key != key:
-                self._pending = True
+        if self.runner.running:
+            self._pending = self._pending or self._job_key != key
             return False
-        worker = self.session.encode_worker(self.image_layer, self.plane, start=False)
-        worker.returned.connect(self._on_encoded)
-        worker.errored.connect(self._on_encode_error)
-        worker.finished.connect(self._on_encode_finished)
-        self._worker, self._worker_key = worker, key
-        self._failed_key = None
-        self._status(f"encoding '{self.image_layer.name}' ({self.plane.describe()})…")
-        worker.start()
-        self.changed.emit()
+        layer, plane = self._shown()
+        key, job = self.session.encode_job(layer, plane)
+        self._job_key, self.failed_key = key, None
+        self._report(f"encoding '{layer.name}' ({plane.describe()})…")
+        self.runner.start(job, desc=f"SAM: encoding '{layer.name}' ({plane.describe()})",
+                          on_done=self._on_encoded, on_error=self._on_error)
         return False
 
     def _on_encoded(self, result) -> None:
         key, embedding = result
-        if key != self._current_key():
+        if key != self.current_key():
             return  # the user moved on: cached for later, not applied here
         self._active = (key, embedding)
-        self._ensure_embedding()
-        self.update_preview()
-        if self.prediction is None:
-            self._status("slice encoded: click (points) or draw boxes to segment")
+        if self.activate():
+            self._on_ready()
 
-    def _on_encode_error(self, exc) -> None:
-        self._failed_key = self._worker_key
-        self._status(f"encoding failed: {exc}")
+    def _on_error(self, exc) -> None:
+        self.failed_key = self._job_key
 
-    def _on_encode_finished(self) -> None:
-        self._worker = None
+    def _on_busy_changed(self, busy: bool) -> None:
+        if busy:
+            return
         pending, self._pending = self._pending, False
-        key = self._current_key()
-        if (pending or self.auto_encode) and key is not None and key != self._failed_key:
-            if not self._ensure_embedding():
-                self.request_encoding()
-        self.changed.emit()
+        key = self.current_key()
+        if (pending or self._auto_encode()) and key is not None and key != self.failed_key:
+            if not self.activate():
+                self.request()
 
-    def wait_for_encoding(self, timeout: float = 120.0) -> bool:
+    def wait(self, timeout: float = 120.0) -> bool:
         """Process Qt events until no background encoding runs; False on timeout."""
         from qtpy.QtWidgets import QApplication
 
         if QApplication.instance() is None:  # no Qt: no worker can finish
-            return self._worker is None
-        deadline = time.monotonic() + timeout
-        while self._worker is not None:
-            if time.monotonic() > deadline:
-                return False
-            QApplication.processEvents()
-            time.sleep(0.005)
-        return True
+            return not self.runner.running
+        return self.runner.wait(timeout)
+
+    def shutdown(self) -> None:
+        self.runner.shutdown()

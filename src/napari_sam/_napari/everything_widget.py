@@ -14,8 +14,10 @@ Everything it does is also a method, for scripts and notebooks::
 last non-displayed axis (z of a (Z, Y, X) stack, t of a (T, Y, X) series, z at the
 current t of (T, Z, Y, X)), linking overlapping objects of consecutive slices into one id.
 New objects get ids above the layer's current maximum and, unless "overwrite" is on, only
-fill unlabelled pixels. The write is one step of the layer's undo history; a cancelled
-run writes nothing.
+fill unlabelled pixels. Labels are written through the one label writer
+(:func:`.labels_io.write_objects`): exactly where napari shows them, whatever the target
+layer's scale, translate or resolution; one step of the layer's undo history or nothing.
+A cancelled run writes nothing; inputs are read on the GUI thread when the run starts.
 """
 
 from __future__ import annotations
@@ -39,9 +41,12 @@ from qtpy.QtWidgets import (
 
 from ..engine.automatic import Progress, SamAutomaticMaskGenerator, run_to_end, segment_stack
 from ..engine.label_image import masks_to_label_image
-from .geometry import PlaneError, base_data, current_plane, mask_indices, plane_image, spatial_shape
-from .prompt_layers import copy_spatial, refill_layer_combos
-from .session import SamSession, SliceEmbeddings, normalisation, session_for
+from .geometry import PlaneError, base_data, current_plane, plane_pixels
+from .jobs import JobRunner
+from .labels_io import LabelsWriteError, new_labels_layer, write_objects
+from .lifetime import on_close
+from .prompt_layers import refill_layer_combos
+from .session import SamSession, SliceEmbeddings, contrast_limits_of, real_viewer, session_for
 
 NEW_LABELS = "new layer: SAM everything"
 SCOPES = (("slice", "current slice"), ("stack", "whole stack (z or t), linked"))
@@ -61,16 +66,16 @@ PARAMS = {
 
 
 class _PlaneStack:
-    """The planes of one stack axis of an image layer, read one at a time."""
+    """The planes of one stack axis of an image layer, read one at a time (any thread)."""
 
-    def __init__(self, layer, slices: SliceEmbeddings) -> None:
-        self.layer, self.slices = layer, slices
+    def __init__(self, slices: SliceEmbeddings) -> None:
+        self.slices = slices
 
     def __len__(self) -> int:
         return len(self.slices)
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return plane_image(self.layer, self.slices.plane(i))
+        return self.slices.image(i)
 
 
 class SegmentEverythingWidget(QWidget):
@@ -84,15 +89,16 @@ class SegmentEverythingWidget(QWidget):
 
     def __init__(self, napari_viewer, session: SamSession | None = None) -> None:
         super().__init__()
-        self.viewer = napari_viewer
-        self.session = session if session is not None else session_for(napari_viewer)
-        self.worker = None
+        self.viewer = real_viewer(napari_viewer)  # napari may hand us a proxy of it
+        self.session = session if session is not None else session_for(self.viewer)
         self._build_ui()
-        events = napari_viewer.layers.events
+        self.runner = JobRunner(self._report, self._progress)
+        self.runner.busy_changed.connect(self._on_busy_changed)
+        events = self.viewer.layers.events
         for ev in (events.inserted, events.removed, events.reordered):
             ev.connect(self._refresh_layers)
         self.session.model_changed.connect(self._show_model)
-        self.destroyed.connect(_cleanup(napari_viewer, self.session, self._refresh_layers, self._show_model, self.cancel))
+        on_close(self, _cleanup(self.viewer, self.session, self._refresh_layers, self._show_model, self.runner))
         self._refresh_layers()
         self._show_model(self.session.model)
 
@@ -179,11 +185,21 @@ class SegmentEverythingWidget(QWidget):
     def status(self) -> str:
         return self._status.text()
 
+    @property
+    def worker(self):
+        """The running job's worker, or None."""
+        return None if self.runner.job is None else self.runner.job.worker
+
+    def _report(self, message: str) -> None:
+        self._status.setText(message)
+        self.viewer.status = message
+
     def run(self, scope: str | None = None, wait: bool = False):
         """Segment everything: ``scope`` "slice" | "stack" (default: the widget's choice).
 
-        ``wait=True`` blocks and returns the Labels layer written (None when nothing ran);
-        otherwise a worker runs and is returned (``self.worker``).
+        ``wait=True`` blocks and returns the Labels layer written (None when nothing ran
+        or nothing could be written: :attr:`status` says why); otherwise a worker runs and
+        is returned (``self.worker``).
         """
         scope = scope or self._scope.currentData()
         if scope not in dict(SCOPES):
@@ -191,32 +207,32 @@ class SegmentEverythingWidget(QWidget):
         try:
             job, target = self._prepare(scope)
         except (PlaneError, ValueError, RuntimeError) as exc:
-            self._status.setText(str(exc))
+            self._report(str(exc))
             return None
         if wait:
-            return self._write(target, run_to_end(job, self._on_progress))
-        from napari.qt.threading import create_worker
-
-        self.worker = create_worker(lambda: (yield from job), _start_thread=False,
-                                    _progress={"desc": "SAM: segment everything"})
-        self.worker.yielded.connect(self._on_progress)
-        self.worker.returned.connect(lambda result: self._write(target, result))
-        self.worker.errored.connect(lambda exc: self._status.setText(f"segment everything failed: {exc}"))
-        self.worker.aborted.connect(lambda: self._status.setText("cancelled: labels unchanged"))
-        self.worker.finished.connect(self._on_finished)
-        self._run_button.setEnabled(False)
-        self._cancel_button.setEnabled(True)
-        self.worker.start()
-        return self.worker
+            try:
+                return self._write(target, run_to_end(job(None), self._on_progress))
+            except (LabelsWriteError, ValueError, RuntimeError) as exc:
+                self._report(f"segment everything failed: {exc}")
+                return None
+        return self.runner.start(
+            job, desc="SAM: segment everything", on_yield=self._on_progress,
+            on_done=lambda result: self._write(target, result),
+            on_cancel=lambda: self._report("cancelled: labels unchanged"),
+            is_current=lambda: self._still_current(target))
 
     def cancel(self) -> None:
-        """Stop a running job after its current batch; nothing is written."""
-        if self.worker is not None:
-            self.worker.quit()
+        """Stop a running job at its next step (within a batch of prompts); nothing is written."""
+        self.runner.cancel()
+
+    def wait(self, timeout: float = 600.0) -> bool:
+        """Process Qt events until the running job ended; False on timeout."""
+        return self.runner.wait(timeout)
 
     # ------------------------------------------------------------------ internals
     def _prepare(self, scope: str):
-        """On the GUI thread: read layers and parameters; returns (job, target)."""
+        """On the GUI thread: read layers, parameters and normalisation; returns
+        (job(cancel) -> generator, target) — the job never touches a layer."""
         if not self.session.has_model:
             raise RuntimeError("load a model first (Segment Anything widget or session.load_model)")
         image = self._image_combo.currentData()
@@ -224,85 +240,74 @@ class SegmentEverythingWidget(QWidget):
             raise ValueError("add an image layer first")
         plane = current_plane(self.viewer.dims, image)
         labels = self._labels_combo.currentData()
-        if labels is not None and spatial_shape(labels) != spatial_shape(image):
-            raise ValueError(f"expected a Labels layer of shape {spatial_shape(image)}, got "
-                             f"{spatial_shape(labels)}: choose another layer or a new one")
         params = self.params
         extra = {k: params.pop(k) for k in ("min_size", "link_iou")}
         generator = SamAutomaticMaskGenerator(self.session.model, **params)
-        norm = normalisation(image)
-        limits = None if norm == ("uint8",) else norm[1:]
-        session = self.session
+        limits = contrast_limits_of(self.session.normalisation_for(image))
+        target = {"image": image, "labels": labels, "model": self.session.model,
+                  "world_point": tuple(self.viewer.dims.point), "overwrite": self._overwrite.isChecked()}
         if scope == "slice":
-            def job():
+            _key, encode = self.session.encode_job(image, plane)
+            data = base_data(image)
+
+            def job(cancel):
                 yield Progress(0, 1, "encoding")
-                embedding = session.embedding(image, plane)  # cached, or encoded here
-                masks = yield from generator.run(plane_image(image, plane), embedding=embedding,
+                _key, embedding = yield from encode  # cached, stored, or encoded here
+                masks = yield from generator.run(plane_pixels(data, plane), embedding=embedding,
                                                  contrast_limits=limits)
                 return [plane], masks_to_label_image(masks, min_size=extra["min_size"])[None]
 
-            return job(), (image, labels)
+            return job, target
         hidden = [a for a in range(plane.ndim) if a not in plane.axes_rc]
         if not hidden:
             raise ValueError("the image is 2D: use scope 'current slice'")
-        slices = SliceEmbeddings(session, image, plane, axis=hidden[-1])
+        slices = SliceEmbeddings(self.session, image, plane, axis=hidden[-1])
 
-        def job():
+        def job(cancel):
             stack = yield from segment_stack(
-                generator, _PlaneStack(image, slices), contrast_limits=limits,
+                generator, _PlaneStack(slices), contrast_limits=limits,
                 embedding_for=lambda i, _img: slices.embedding(i), **extra)
             return [slices.plane(i) for i in range(len(slices))], stack
 
-        return job(), (image, labels)
+        return job, target
+
+    def _still_current(self, target) -> bool:
+        layers = self.viewer.layers
+        return (target["image"] in layers and self.session.model is target["model"]
+                and (target["labels"] is None or target["labels"] in layers))
 
     def _on_progress(self, step: Progress) -> None:
-        self._progress.setMaximum(max(step.total, 1))
-        self._progress.setValue(step.done)
+        self.runner.step(step.done, step.total)
         self._status.setText(step.message)
 
-    def _on_finished(self) -> None:
-        self._run_button.setEnabled(True)
-        self._cancel_button.setEnabled(False)
+    def _on_busy_changed(self, busy: bool) -> None:
+        self._run_button.setEnabled(not busy)
+        self._cancel_button.setEnabled(busy)
 
-    def _write(self, target, result) -> Labels:
-        """Write (N, H, W) labels of N planes: ids above the layer's maximum, onto free pixels
-        unless overwriting, as one undo step."""
-        image, labels = target
+    def _write(self, target, result) -> Labels | None:
+        """Write (P, H, W) object ids of P planes through the label writer: ids above the
+        layer's maximum, onto free pixels unless overwriting, one undo step or nothing."""
         planes, stack = result
+        labels = target["labels"]
         if labels is None or labels not in self.viewer.layers:
-            labels = Labels(np.zeros(spatial_shape(image), dtype=np.uint32), name="SAM everything")
-            copy_spatial(image, labels)
-            self.viewer.layers.append(labels)
-        data = base_data(labels)
-        offset = int(np.asarray(data).max(initial=0)) if data.size else 0
-        top = offset + int(stack.max(initial=0))
-        if np.issubdtype(data.dtype, np.integer) and top > np.iinfo(data.dtype).max:
-            self._status.setText(f"expected label ids <= {np.iinfo(data.dtype).max} for a {data.dtype} layer, "
-                                 f"got {top}: use a new layer")
-            return labels
-        idx_parts, values = [], []
-        for plane, plane_labels in zip(planes, stack):
-            idx_parts.append(mask_indices(plane_labels > 0, plane))  # same pixel order
-            values.append(plane_labels[plane_labels > 0].astype(np.int64) + offset)
-        idx = tuple(np.concatenate(parts) for parts in zip(*idx_parts))
-        values = np.concatenate(values)
-        if not self._overwrite.isChecked():
-            free = np.asarray(data[idx]) == 0
-            idx, values = tuple(a[free] for a in idx), values[free]
-        with labels.block_history():
-            labels.data_setitem(idx, values, refresh=False)
-        labels.refresh()
-        n = len(np.unique(values))
-        self._status.setText(f"{n} objects written to '{labels.name}'")
+            labels = new_labels_layer(self.viewer, target["image"], "SAM everything")
+        try:
+            written = write_objects(labels, target["image"], planes, stack, world_point=target["world_point"],
+                                    overwrite=target["overwrite"])
+        except LabelsWriteError as exc:
+            self._report(f"nothing written: {exc}")
+            return None
+        covered = f" ({written.covered} more lay entirely on existing labels)" if written.covered else ""
+        self._report(f"{len(written.label_ids)} objects written to '{labels.name}'{covered}")
         return labels
 
 
-def _cleanup(viewer, session, refresh, show_model, cancel):
-    """What to undo when the widget is destroyed (a plain function: Qt no longer calls
-    methods of a destroyed widget)."""
+def _cleanup(viewer, session, refresh, show_model, runner):
+    """What to undo when the widget is closed (a plain function: Qt no longer calls
+    methods of a destroyed widget): cancel and join the job, unhook from viewer/session."""
 
     def run(*_args) -> None:
-        cancel()
+        runner.shutdown()
         events = viewer.layers.events
         for ev in (events.inserted, events.removed, events.reordered):
             ev.disconnect(refresh)

@@ -104,21 +104,36 @@ def current_plane(dims, layer) -> SlicePlane:
 
 def plane_image(layer, plane: SlicePlane) -> np.ndarray:
     """The pixels of ``plane``: (H, W) for a grayscale layer, (H, W, C) for an RGB(A) one."""
-    data = np.asarray(base_data(layer)[plane.slicer])  # reads only this plane (dask, zarr)
+    return plane_pixels(base_data(layer), plane)
+
+
+def plane_pixels(data, plane: SlicePlane) -> np.ndarray:
+    """The pixels of ``plane`` of a layer's (full-resolution) data array; reads only this
+    plane (dask, zarr), so a worker thread can call it with an array captured earlier."""
+    data = np.asarray(data[plane.slicer])
     if plane.axes_rc[0] > plane.axes_rc[1]:  # transposed view: rows are the later axis
         data = np.swapaxes(data, 0, 1)
     return data
 
 
-def affine_between(src, dst) -> tuple[np.ndarray, np.ndarray]:
+def affine_between(src, dst, world_point=None) -> tuple[np.ndarray, np.ndarray]:
     """(A, b) with ``dst_data = A @ src_data + b`` for two layers in the same world.
 
     Built from the layers' public ``data_to_world`` / ``world_to_data`` on the basis
-    points, so it honours scale, translate, rotate, shear and affine.
+    points, so it honours scale, translate, rotate, shear and affine. Layers of different
+    dimensionality align on their last axes (as napari draws them); world axes that
+    ``src`` lacks are taken from ``world_point`` (e.g. ``viewer.dims.point``: a 3D Labels
+    layer over a 2D image is written at the slider's z), 0 when it is None.
     Returns A (dst.ndim, src.ndim) and b (dst.ndim,).
     """
+    n_world = max(src.ndim, dst.ndim, 0 if world_point is None else len(world_point))
+    base = np.zeros(n_world) if world_point is None else np.asarray(world_point, dtype=float)
+    base = np.concatenate([np.zeros(n_world - len(base)), base])
+
     def through_world(p):
-        return np.asarray(dst.world_to_data(np.asarray(src.data_to_world(p))), dtype=float)
+        world = base.copy()
+        world[n_world - src.ndim:] = np.asarray(src.data_to_world(p), dtype=float)
+        return np.asarray(dst.world_to_data(world), dtype=float)
 
     b = through_world(np.zeros(src.ndim))
     cols = [through_world(e) - b for e in np.eye(src.ndim)]

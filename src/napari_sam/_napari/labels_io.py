@@ -1,9 +1,20 @@
-"""Writing SAM objects into a Labels layer (undoable) and reading existing objects back.
+"""The one label writer: image-space objects into any Labels layer, and reading objects back.
 
-Every write goes through ``Labels.data_setitem`` inside ``Labels.block_history()``, so one
-commit is one step of the layer's own undo history (``labels.undo()`` restores it).
-The target layer may have a different geometry from the image (other scale, translate,
-even resolution): pixels are mapped image data -> world -> labels data (nearest pixel).
+Commit, refine, propagation and segment-everything all write through :func:`write_objects`:
+
+* **exactly where displayed**: it iterates over the *target* layer's pixels that lie on
+  the image plane (labels data -> world -> image data, through the layers' own transforms)
+  and samples the image-space object under each one. So a Labels layer at another scale,
+  translate, rotation, affine, resolution or dimensionality than the image is written
+  where napari shows the object (no dot grids at 2x resolution; a 3D Labels layer over a
+  2D image is written at the slider's position, given as ``world_point``);
+* **everything checked first**: ids, dtype range, layer type, target axes are checked
+  before the layer is touched; a failure raises :class:`LabelsWriteError` and changes
+  nothing;
+* **one undo step or nothing**: all changes go in one ``data_setitem`` inside
+  ``block_history()``; ``labels.undo()`` takes the whole write back;
+* **no-overwrite rule**: unless ``overwrite``, pixels of other labels are left alone; an
+  object with no pixel left to write is dropped and gets no id.
 """
 
 from __future__ import annotations
@@ -13,33 +24,31 @@ from dataclasses import dataclass
 import numpy as np
 from napari.layers import Labels
 
-from .geometry import (
-    SlicePlane,
-    affine_between,
-    base_data,
-    is_identity,
-    map_coords,
-    mask_indices,
-    plane_image,
-    spatial_shape,
-)
+from .geometry import SlicePlane, affine_between, base_data, is_identity, map_coords, spatial_shape
 from .prompt_layers import LABELS_ROLE, ROLE_KEY, copy_spatial, find_layer
+
+
+class LabelsWriteError(ValueError):
+    """A write was refused before anything changed (message for the user)."""
 
 
 @dataclass(frozen=True)
 class CommitResult:
-    """What one commit wrote.
+    """What one write did.
 
     Attributes:
-        label_ids: the id given to each committed object, in prompt order.
-        pixels: (K,) how many pixels each object got (after the no-overwrite rule).
-        skipped: (K,) how many pixels of each object were left alone because they already
-            belonged to another label.
+        label_ids: the id given to each written object, in object order.
+        pixels: (K,) how many target pixels each written object got.
+        skipped: (K,) how many of its pixels were left alone because they belong to
+            another label (no-overwrite rule).
+        covered: how many objects were dropped because every pixel of theirs was taken
+            (they got no id).
     """
 
     label_ids: list[int]
     pixels: list[int]
     skipped: list[int]
+    covered: int = 0
 
 
 def ensure_labels_layer(viewer, image, name: str = "SAM labels") -> Labels:
@@ -50,11 +59,12 @@ def ensure_labels_layer(viewer, image, name: str = "SAM labels") -> Labels:
         return layer
     if layer is not None:  # made for another image: keep it, but as a plain Labels layer
         layer.metadata.pop(ROLE_KEY, None)
-    layer = Labels(
-        np.zeros(spatial_shape(image), dtype=np.uint32),
-        name=name,
-        metadata={ROLE_KEY: LABELS_ROLE},
-    )
+    return new_labels_layer(viewer, image, name, {ROLE_KEY: LABELS_ROLE})
+
+
+def new_labels_layer(viewer, image, name: str, metadata: dict | None = None) -> Labels:
+    """A new empty uint32 Labels layer over ``image`` (same shape and transform)."""
+    layer = Labels(np.zeros(spatial_shape(image), dtype=np.uint32), name=name, metadata=metadata or {})
     copy_spatial(image, layer)  # before adding: the viewer's extent never jumps
     viewer.layers.append(layer)
     return layer
@@ -66,133 +76,225 @@ def next_free_id(labels: Labels) -> int:
     return int(np.asarray(data).max(initial=0)) + 1 if data.size else 1
 
 
-class _Mapper:
-    """Image-plane pixel indices -> labels data indices."""
-
-    def __init__(self, labels: Labels, image, plane: SlicePlane) -> None:
-        self.labels, self.plane = labels, plane
-        self.shape = spatial_shape(labels)
-        self.transform = affine_between(image, labels)
-        self.direct = is_identity(self.transform) and self.shape == spatial_shape(image)
-
-    def indices(self, mask_hw: np.ndarray) -> tuple[np.ndarray, ...]:
-        idx = mask_indices(mask_hw, self.plane)
-        if self.direct:
-            return idx
-        coords = np.rint(map_coords(np.stack(idx, axis=1), self.transform)).astype(np.intp)
-        ok = np.all((coords >= 0) & (coords < np.array(self.shape)), axis=1)
-        coords = np.unique(coords[ok], axis=0)
-        return tuple(coords[:, a] for a in range(coords.shape[1]))
-
-    def values_on_plane(self) -> np.ndarray:
-        """(H, W) label values seen at each image pixel of the plane (0 outside)."""
-        if self.direct:
-            return plane_image(self.labels, self.plane)
-        full = np.ones(self.plane.shape_hw, dtype=bool)
-        idx = mask_indices(full, self.plane)
-        coords = np.rint(map_coords(np.stack(idx, axis=1), self.transform)).astype(np.intp)
-        ok = np.all((coords >= 0) & (coords < np.array(self.shape)), axis=1)
-        values = np.zeros(len(coords), dtype=base_data(self.labels).dtype)
-        data = base_data(self.labels)
-        values[ok] = np.asarray(data[tuple(coords[ok, a] for a in range(coords.shape[1]))])
-        return values.reshape(self.plane.shape_hw)
-
-
-def label_mask_on_plane(labels: Labels, image, plane: SlicePlane, label_id: int) -> np.ndarray:
-    """(H, W) bool: where object ``label_id`` of ``labels`` lies on the image plane."""
-    return _Mapper(labels, image, plane).values_on_plane() == label_id
-
-
-def commit_masks(
-    labels: Labels,
-    image,
-    plane: SlicePlane,
-    masks_hw: np.ndarray,
-    label_ids: list[int | None] | None = None,
-    overwrite: bool = False,
-    replace_id: int | None = None,
-) -> CommitResult:
-    """Write K object masks of an image plane into ``labels`` as one undoable step.
-
-    Args:
-        masks_hw: (K, H, W) bool, in the image plane's pixels.
-        label_ids: (K,) id per object; None entries get the next free ids.
-        overwrite: also paint over pixels that already hold another label (and over
-            earlier objects of this commit).
-        replace_id: refinement of an existing object: its old pixels on this plane that the
-            new mask does not cover are cleared first (only this id is ever cleared).
-    """
+def objects_to_ids(masks_hw: np.ndarray, overwrite: bool = False) -> np.ndarray:
+    """(K, H, W) bool object masks -> (H, W) int32 ids 1..K (0 = none). Where objects
+    overlap, the first wins, or the last with ``overwrite`` (a later prompt paints over)."""
     masks_hw = np.asarray(masks_hw, dtype=bool)
-    if masks_hw.ndim != 3 or masks_hw.shape[1:] != tuple(plane.shape_hw):
-        raise ValueError(f"expected masks of shape (K, {plane.shape_hw[0]}, {plane.shape_hw[1]}), got {masks_hw.shape}")
-    label_ids = list(label_ids) if label_ids is not None else [None] * len(masks_hw)
-    if len(label_ids) != len(masks_hw):
-        raise ValueError(f"expected {len(masks_hw)} label ids, got {len(label_ids)}")
-    mapper = _Mapper(labels, image, plane)
-    data = base_data(labels)
-    dtype_max = np.iinfo(data.dtype).max if np.issubdtype(data.dtype, np.integer) else np.inf
-    free = next_free_id(labels)
-    ids, pixels, skipped = [], [], []
-    with labels.block_history():
-        if replace_id is not None:
-            old = mapper.values_on_plane() == replace_id
-            stale = old & ~masks_hw.any(axis=0)
-            if stale.any():
-                idx = mapper.indices(stale)
-                keep = np.asarray(data[idx]) == replace_id
-                labels.data_setitem(tuple(a[keep] for a in idx), 0, refresh=False)
-        for mask, wanted in zip(masks_hw, label_ids):
-            if wanted is None:
-                wanted, free = free, free + 1
-            if wanted > dtype_max:
-                raise ValueError(f"expected label ids <= {dtype_max} for {data.dtype} labels, got {wanted}")
-            idx = mapper.indices(mask)
-            current = np.asarray(data[idx])
-            allowed = (current == 0) | (current == wanted) | overwrite
-            labels.data_setitem(tuple(a[allowed] for a in idx), int(wanted), refresh=False)
-            ids.append(int(wanted))
-            pixels.append(int(allowed.sum()))
-            skipped.append(int((~allowed).sum()))
-    labels.refresh()
-    return CommitResult(ids, pixels, skipped)
+    ids = np.zeros(masks_hw.shape[1:], dtype=np.int32)
+    order = range(len(masks_hw)) if overwrite else range(len(masks_hw) - 1, -1, -1)
+    for k in order:
+        ids[masks_hw[k]] = k + 1
+    return ids
 
 
-def commit_stack(
+class PlaneTargets:
+    """The target layer's pixels shown on (part of) one image plane.
+
+    Attributes:
+        index: tuple of ``labels.ndim`` (N,) int arrays, the target pixels.
+        rc: (N, 2) int (row, col) of the image-plane pixel under each target pixel.
+    Args:
+        region_rc: (r0, r1, c0, c1) inclusive image-plane box to cover (default: all).
+        world_point: world position for axes the image lacks (``viewer.dims.point``).
+    """
+
+    MAX_PIXELS = 200_000_000  # refuse (instead of swapping) a target grid this large
+
+    def __init__(self, labels, image, plane: SlicePlane, world_point=None, region_rc=None) -> None:
+        h, w = plane.shape_hw
+        r0, r1, c0, c1 = region_rc if region_rc is not None else (0, h - 1, 0, w - 1)
+        shape = spatial_shape(labels)
+        forward = affine_between(image, labels, world_point)
+        if is_identity(forward) and shape == spatial_shape(image):  # same grid: direct
+            rr, cc = np.mgrid[r0 : r1 + 1, c0 : c1 + 1]
+            self.rc = np.stack([rr.ravel(), cc.ravel()], axis=1)
+            self.index = tuple(self.rc[:, 0] if a == plane.axes_rc[0] else self.rc[:, 1] if a == plane.axes_rc[1]
+                               else np.full(len(self.rc), i, np.intp) for a, i in enumerate(plane.index))
+            return
+        # the region's corners (pixel edges) in target coordinates bound the candidates
+        corners = np.array([[r, c] for r in (r0 - 0.5, r1 + 0.5) for c in (c0 - 0.5, c1 + 0.5)])
+        q = map_coords(_plane_to_data(corners, plane), forward)  # (4, labels.ndim)
+        a_plane = forward[0][:, list(plane.axes_rc)]  # how each target axis moves on the plane
+        ranges = []
+        for axis in range(len(shape)):
+            if np.abs(a_plane[axis]).max() < 1e-9:  # not spanned by the plane: one index
+                lo = hi = int(np.floor(q[0, axis] + 0.5))
+            else:
+                lo, hi = int(np.ceil(q[:, axis].min() - 1e-9)), int(np.floor(q[:, axis].max() + 1e-9))
+            lo, hi = max(lo, 0), min(hi, shape[axis] - 1)
+            if hi < lo:
+                self.index, self.rc = tuple(np.zeros(0, np.intp) for _ in shape), np.zeros((0, 2), np.intp)
+                return
+            ranges.append(np.arange(lo, hi + 1))
+        count = int(np.prod([len(r) for r in ranges], dtype=np.float64))
+        if count > self.MAX_PIXELS:
+            raise LabelsWriteError(f"expected a target region of at most {self.MAX_PIXELS} pixels, got {count}: "
+                                   "the labels layer is far finer than the image")
+        grid = np.stack([g.ravel() for g in np.meshgrid(*ranges, indexing="ij")], axis=1)  # (N, labels.ndim)
+        p = map_coords(grid, affine_between(labels, image, world_point))  # image data coordinates
+        keep = np.ones(len(grid), dtype=bool)
+        for axis, i in enumerate(plane.index):
+            if axis not in plane.axes_rc:
+                keep &= np.floor(p[:, axis] + 0.5) == i
+        rc = np.floor(p[:, list(plane.axes_rc)] + 0.5).astype(np.intp)
+        keep &= (rc[:, 0] >= r0) & (rc[:, 0] <= r1) & (rc[:, 1] >= c0) & (rc[:, 1] <= c1)
+        self.rc = rc[keep]
+        self.index = tuple(grid[keep, a] for a in range(grid.shape[1]))
+
+
+def _plane_to_data(points_rc: np.ndarray, plane: SlicePlane) -> np.ndarray:
+    """(N, 2) (row, col) on a plane -> (N, ndim) image data coordinates."""
+    out = np.tile(np.asarray(plane.index, dtype=float), (len(points_rc), 1))
+    out[:, plane.axes_rc[0]], out[:, plane.axes_rc[1]] = points_rc[:, 0], points_rc[:, 1]
+    return out
+
+
+def labels_on_plane(labels: Labels, image, plane: SlicePlane, world_point=None) -> np.ndarray:
+    """(H, W) the label value napari shows at each image pixel of ``plane`` (nearest target
+    pixel; 0 outside the target layer)."""
+    transform = affine_between(image, labels, world_point)
+    data, shape = base_data(labels), spatial_shape(labels)
+    if is_identity(transform) and shape == spatial_shape(image):
+        from .geometry import plane_pixels
+
+        return plane_pixels(data, plane)
+    h, w = plane.shape_hw
+    rr, cc = np.mgrid[:h, :w]
+    rc = np.stack([rr.ravel(), cc.ravel()], axis=1)
+    coords = np.floor(map_coords(_plane_to_data(rc, plane), transform) + 0.5).astype(np.intp)
+    ok = np.all((coords >= 0) & (coords < np.array(shape)), axis=1)
+    values = np.zeros(len(coords), dtype=data.dtype)
+    values[ok] = np.asarray(data[tuple(coords[ok, a] for a in range(coords.shape[1]))])
+    return values.reshape(h, w)
+
+
+def label_mask_on_plane(labels: Labels, image, plane: SlicePlane, label_id: int, world_point=None) -> np.ndarray:
+    """(H, W) bool: where object ``label_id`` of ``labels`` lies on the image plane."""
+    return labels_on_plane(labels, image, plane, world_point) == label_id
+
+
+def _check_target(labels) -> np.dtype:
+    if not isinstance(labels, Labels):
+        raise LabelsWriteError(f"expected a Labels layer to write into, got {type(labels).__name__}")
+    if getattr(labels, "multiscale", False):
+        raise LabelsWriteError(f"expected a single-resolution Labels layer, got the multiscale '{labels.name}': "
+                               "napari-sam would only change its full-resolution level")
+    dtype = np.dtype(base_data(labels).dtype)
+    if not np.issubdtype(dtype, np.integer):
+        raise LabelsWriteError(f"expected integer labels, got {dtype} in '{labels.name}'")
+    return dtype
+
+
+def _region(ids_hw: np.ndarray):
+    rows, cols = np.nonzero(ids_hw.any(axis=1)), np.nonzero(ids_hw.any(axis=0))
+    if rows[0].size == 0:
+        return None
+    return rows[0][0], rows[0][-1], cols[0][0], cols[0][-1]
+
+
+def write_objects(
     labels: Labels,
     image,
     planes: list[SlicePlane],
-    masks_hw: np.ndarray,
-    label_id: int | None = None,
+    ids_hw: np.ndarray,
+    *,
+    world_point=None,
     overwrite: bool = False,
+    fixed_ids: dict[int, int] | None = None,
+    replace_id: int | None = None,
+    replace_planes: list[SlicePlane] | None = None,
 ) -> CommitResult:
-    """Write ONE object spanning several image planes (a propagated 3D object) into
-    ``labels`` as one undoable step, with one id.
+    """Write objects given on image planes into ``labels`` as ONE undo step (or nothing).
 
     Args:
-        planes: K planes of the image (e.g. consecutive z slices).
-        masks_hw: (K, H, W) bool, the object on each plane, in the image plane's pixels.
-        label_id: the id to use (None: the next free id).
-        overwrite: also paint over pixels that already hold another label.
-    Returns: a :class:`CommitResult` with one entry (pixels summed over the planes).
+        planes: P image planes (e.g. one slice, or consecutive z slices).
+        ids_hw: (P, H, W) int object numbers per plane (0 = none); one number is one
+            object across planes (a propagated or linked 3D object).
+        world_point: world position for axes the image lacks (``viewer.dims.point``).
+        overwrite: also paint over pixels of other labels.
+        fixed_ids: object number -> label id to use (e.g. the refined label's own id);
+            other objects get new ids from max + 1, in object-number order.
+        replace_id: refining: pixels of this label on ``replace_planes`` (default:
+            ``planes``) that the new object does not cover are cleared, and its pixels
+            may be painted over.
+    Returns: what was written (:class:`CommitResult`).
+    Raises:
+        LabelsWriteError: nothing changed (dtype range, layer type, target axes…).
     """
-    masks_hw = np.asarray(masks_hw, dtype=bool)
-    if masks_hw.ndim != 3 or len(planes) != len(masks_hw):
-        raise ValueError(f"expected (K, H, W) masks for {len(planes)} planes, got {masks_hw.shape}")
+    dtype = _check_target(labels)
+    ids_hw = np.asarray(ids_hw)
+    if ids_hw.ndim != 3 or len(ids_hw) != len(planes):
+        raise LabelsWriteError(f"expected (P, H, W) object ids for {len(planes)} planes, got {ids_hw.shape}")
     data = base_data(labels)
-    dtype_max = np.iinfo(data.dtype).max if np.issubdtype(data.dtype, np.integer) else np.inf
-    wanted = int(label_id) if label_id is not None else next_free_id(labels)
-    if wanted > dtype_max:
-        raise ValueError(f"expected label ids <= {dtype_max} for {data.dtype} labels, got {wanted}")
-    pixels = skipped = 0
-    with labels.block_history():
-        for plane, mask in zip(planes, masks_hw):
-            if mask.shape != tuple(plane.shape_hw):
-                raise ValueError(f"expected masks of shape {plane.shape_hw}, got {mask.shape}")
-            idx = _Mapper(labels, image, plane).indices(mask)
-            current = np.asarray(data[idx])
-            allowed = (current == 0) | (current == wanted) | overwrite
-            labels.data_setitem(tuple(a[allowed] for a in idx), wanted, refresh=False)
-            pixels += int(allowed.sum())
-            skipped += int((~allowed).sum())
-    labels.refresh()
-    return CommitResult([wanted], [pixels], [skipped])
+    fixed_ids = dict(fixed_ids or {})
+    clear_planes = set(replace_planes or planes) if replace_id is not None else set()
+    idx_parts, local_parts, current_parts = [], [], []
+    for plane in list(planes) + [p for p in (replace_planes or []) if p not in planes]:
+        k = planes.index(plane) if plane in planes else None
+        local_hw = ids_hw[k] if k is not None else np.zeros(plane.shape_hw, np.int32)
+        if local_hw.shape != tuple(plane.shape_hw):
+            raise LabelsWriteError(f"expected objects of shape {plane.shape_hw}, got {local_hw.shape}")
+        region = None if plane in clear_planes else _region(local_hw)
+        if region is None and plane not in clear_planes:
+            continue
+        targets = PlaneTargets(labels, image, plane, world_point, region)
+        if not len(targets.rc):
+            continue
+        idx_parts.append(targets.index)
+        local_parts.append(local_hw[targets.rc[:, 0], targets.rc[:, 1]].astype(np.int64))
+        current_parts.append(np.asarray(data[targets.index]).astype(np.int64))
+    if not idx_parts:
+        return CommitResult([], [], [], int(len(np.unique(ids_hw[ids_hw > 0]))))
+    index = tuple(np.concatenate(parts) for parts in zip(*idx_parts))
+    local, current = np.concatenate(local_parts), np.concatenate(current_parts)
+    flat = np.ravel_multi_index(index, spatial_shape(labels))
+    if len(np.unique(flat)) != len(flat):
+        raise LabelsWriteError(f"expected a Labels layer with the stack axis, got '{labels.name}' of shape "
+                               f"{spatial_shape(labels)}: several image slices fall on the same labels "
+                               "pixels; choose (or create) a labels layer shaped like the image")
+    free_pixel = (current == 0) | overwrite
+    if replace_id is not None:
+        free_pixel |= current == replace_id
+    objects = np.unique(local[local > 0])
+    allowed = (local > 0) & (free_pixel | (current == _map(local, fixed_ids)))  # own pixels: a no-op
+    counts = {int(o): int(c) for o, c in zip(*np.unique(local[allowed], return_counts=True))}
+    next_id = next_free_id(labels)
+    ids: dict[int, int] = {}
+    for obj in objects:
+        obj = int(obj)
+        if counts.get(obj, 0) == 0:
+            continue
+        if obj in fixed_ids:
+            ids[obj] = int(fixed_ids[obj])
+        else:
+            while next_id in fixed_ids.values():
+                next_id += 1
+            ids[obj], next_id = next_id, next_id + 1
+    if replace_id is not None and not ids:  # never remove an object without its replacement
+        return CommitResult([], [], [], int(len(objects)))
+    top = max(ids.values(), default=0)
+    if top > np.iinfo(dtype).max:
+        raise LabelsWriteError(f"expected label ids <= {np.iinfo(dtype).max} for {dtype} labels, got {top}: "
+                               f"'{labels.name}' is full; convert it to a larger dtype or use a new layer")
+    new = current.copy()
+    if replace_id is not None:
+        new[current == replace_id] = 0  # the old object goes; the new one is written below
+    write = allowed & np.isin(local, list(ids))
+    new[write] = _map(local[write], ids)
+    changed = new != current
+    if changed.any():
+        with labels.block_history():
+            labels.data_setitem(tuple(a[changed] for a in index), new[changed].astype(dtype), refresh=False)
+        labels.refresh()
+    skipped = {int(o): int(c) for o, c in zip(*np.unique(local[(local > 0) & ~allowed], return_counts=True))}
+    order = list(ids)
+    return CommitResult([ids[o] for o in order], [counts[o] for o in order], [skipped.get(o, 0) for o in order],
+                        int(len(objects) - len(ids)))
+
+
+def _map(values: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    """Apply an int -> int mapping to an array (values not in it map to -1)."""
+    out = np.full(values.shape, -1, dtype=np.int64)
+    for k, v in mapping.items():
+        out[values == k] = v
+    return out

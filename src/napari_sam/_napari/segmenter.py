@@ -4,8 +4,8 @@ The logic behind :class:`~napari_sam._napari.widget.SegmentAnythingWidget`, with
 widgets of its own. It listens to the viewer (slider, 2D/3D, layers) and to the prompt
 layers, decodes on every prompt change (never re-encodes; see :mod:`.decode` for the
 prompt rules), encodes slices through the shared
-:class:`~napari_sam._napari.session.SamSession` in a worker (:mod:`.encoding`), commits
-(:mod:`.labels_io`).
+:class:`~napari_sam._napari.session.SamSession` in a worker (:class:`.encoding.SliceEncoder`),
+and writes objects through the one label writer (:func:`.labels_io.write_objects`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import numpy as np
 from psygnal import Signal
 
 from .decode import Prediction, decode_objects
-from .encoding import EncodingMixin
+from .encoding import SliceEncoder
 from .geometry import PlaneError, SlicePlane, current_plane
-from .labels_io import CommitResult, commit_masks, ensure_labels_layer, label_mask_on_plane
-from .prompt_input import PromptInputMixin
+from .labels_io import (CommitResult, LabelsWriteError, ensure_labels_layer, label_mask_on_plane,
+                        objects_to_ids, write_objects)
+from .prompt_input import add_box_prompt, add_point_prompt, world_position
 from .prompt_layers import (
     PREVIEW_ROLE,
     ensure_boxes_layer,
@@ -34,7 +35,7 @@ from .prompt_layers import (
 )
 
 
-class InteractiveSegmenter(EncodingMixin, PromptInputMixin):
+class InteractiveSegmenter:
     """Interactive SAM segmentation in ``viewer`` through ``session``.
 
     Attributes:
@@ -63,7 +64,8 @@ class InteractiveSegmenter(EncodingMixin, PromptInputMixin):
         self._positive = True
         self._muted = 0
         self.last_status = ""
-        self._init_encoding()
+        self.encoder = SliceEncoder(session, self._shown, self.report, self._on_embedding_ready,
+                                    lambda: self.auto_encode)
         dims = viewer.dims.events
         self._connections = [
             (dims.current_step, self._on_view_changed),
@@ -76,7 +78,9 @@ class InteractiveSegmenter(EncodingMixin, PromptInputMixin):
             signal.connect(slot)
 
     def close(self) -> None:
-        """Disconnect from the viewer and the session (the layers stay)."""
+        """Stop and join the background encoding; disconnect from the viewer and the
+        session (the layers stay)."""
+        self.encoder.shutdown()
         for signal, slot in self._connections:
             with contextlib.suppress(Exception):
                 signal.disconnect(slot)
@@ -84,10 +88,53 @@ class InteractiveSegmenter(EncodingMixin, PromptInputMixin):
         self._disconnect_prompt_layers()
 
     # ------------------------------------------------------------------ state
-    def _status(self, message: str) -> None:
+    def report(self, message: str) -> None:
+        """Tell the user (widget status line, napari's status bar)."""
         self.last_status = message
         self.viewer.status = message
         self.status.emit(message)
+
+    def _shown(self):
+        """(image layer, plane) on screen, or None."""
+        if self.image_layer is None or self.plane is None:
+            return None
+        return self.image_layer, self.plane
+
+    def _on_embedding_ready(self) -> None:
+        self.update_preview()
+        if self.prediction is None:
+            self.report("slice encoded: click (points) or draw boxes to segment")
+        self.changed.emit()
+
+    # the encoder's state, for the widget and scripts
+    @property
+    def encoding(self) -> bool:
+        return self.encoder.encoding
+
+    @property
+    def embedding_ready(self) -> bool:
+        return self.encoder.ready
+
+    def request_encoding(self, wait: bool = False) -> bool:
+        ready = self.encoder.request(wait=wait)
+        if wait and ready:
+            self.update_preview()
+        self.changed.emit()
+        return ready
+
+    def wait_for_encoding(self, timeout: float = 120.0) -> bool:
+        return self.encoder.wait(timeout)
+
+    def keep_active_layer(self):
+        """Context manager: the viewer's active layer is the same after the block."""
+        return self._keep_active_layer()
+
+    def target_labels(self):
+        """The commit target: the chosen Labels layer, or "SAM labels" (created if missing)."""
+        if self.labels_layer is None or self.labels_layer not in self.viewer.layers:
+            with self._keep_active_layer():
+                self.labels_layer = ensure_labels_layer(self.viewer, self.image_layer)
+        return self.labels_layer
 
     @contextlib.contextmanager
     def _keep_active_layer(self):
@@ -107,7 +154,7 @@ class InteractiveSegmenter(EncodingMixin, PromptInputMixin):
         if self.points_layer is not None:
             self.points_layer.selected_data = set()  # else the change recolours them
             self.points_layer.feature_defaults = {"positive": self._positive}
-        self._status(f"new points are {'positive (object)' if value else 'negative (background)'}")
+        self.report(f"new points are {'positive (object)' if value else 'negative (background)'}")
         self.changed.emit()
 
     def set_image_layer(self, layer) -> None:
@@ -116,7 +163,7 @@ class InteractiveSegmenter(EncodingMixin, PromptInputMixin):
         if layer is self.image_layer and (layer is None or self.points_layer is not None):
             return
         self.image_layer = layer
-        self._active = None
+        self.encoder.reset()
         self.prediction, self.refine_id, self.plane = None, None, None
         if layer is None:
             self.changed.emit()
@@ -129,6 +176,8 @@ class InteractiveSegmenter(EncodingMixin, PromptInputMixin):
         self.points_layer.mode = "add"
         self.boxes_layer.mode = "add_rectangle"
         self.sync()
+        if self.plane is not None and find_layer(self.viewer, PREVIEW_ROLE) is None:
+            self._ensure_preview(self.plane)
 
     def _ensure_prompt_layers(self) -> None:
         with self._keep_active_layer():
@@ -179,7 +228,8 @@ class InteractiveSegmenter(EncodingMixin, PromptInputMixin):
         self.changed.emit()
 
     def _on_model_changed(self, model=None) -> None:
-        self._active, self.prediction, self._failed_key = None, None, None
+        self.encoder.reset()
+        self.prediction = None
         self.sync()
 
     # ------------------------------------------------------------------ view -> preview
@@ -191,7 +241,7 @@ class InteractiveSegmenter(EncodingMixin, PromptInputMixin):
             plane = current_plane(self.viewer.dims, self.image_layer)
         except PlaneError as exc:
             plane = None
-            self._status(str(exc))
+            self.report(str(exc))
         moved = plane != self.plane
         if moved:
             self.plane, self.prediction, self.rank = plane, None, 0
@@ -200,8 +250,8 @@ class InteractiveSegmenter(EncodingMixin, PromptInputMixin):
         if plane is None or (not moved and self.prediction is not None):
             self.changed.emit()
             return
-        if self.auto_encode and self.session.has_model and not self._ensure_embedding():
-            self.request_encoding()
+        if self.auto_encode and self.session.has_model and not self.encoder.activate():
+            self.encoder.request()
         self.update_preview()
 
     def _prompts(self):
@@ -216,21 +266,21 @@ class InteractiveSegmenter(EncodingMixin, PromptInputMixin):
             return
         points_rc, point_labels, boxes_xyxy, outside = self._prompts()
         if outside:
-            self._status(f"ignored {outside} prompt(s) outside the image '{self.image_layer.name}'")
+            self.report(f"ignored {outside} prompt(s) outside the image '{self.image_layer.name}'")
         if len(points_rc) == 0 and len(boxes_xyxy) == 0 and self.refine_id is None:
             self.prediction = None
             self._show(None)
             self.changed.emit()
             return
         if not self.session.has_model:
-            self._status("load a model first (Load model)")
+            self.report("load a model first (Load model)")
             return
-        if not self._ensure_embedding():
+        if not self.encoder.activate():
             if self.auto_encode:
-                self._status("encoding this slice… your prompts apply when it is ready")
-                self.request_encoding()
+                self.encoder.request()
+                self.report("encoding this slice… your prompts apply when it is ready")
             else:
-                self._status("this slice is not encoded yet: encode it to apply the prompts")
+                self.report("this slice is not encoded yet: encode it to apply the prompts")
             return
         self.prediction = self._decode(points_rc, point_labels, boxes_xyxy)
         self._show(self.prediction)
@@ -252,12 +302,7 @@ class InteractiveSegmenter(EncodingMixin, PromptInputMixin):
                 preview.data = np.zeros_like(preview.data)
             return
         if preview is None or preview.metadata.get("napari_sam_plane") != prediction.plane:
-            with self._keep_active_layer():
-                preview = ensure_preview_layer(self.viewer, self.image_layer, prediction.plane)
-            if self.points_layer in self.viewer.layers:  # keep prompts drawn on top
-                i, j = self.viewer.layers.index(preview), self.viewer.layers.index(self.points_layer)
-                if i > j:
-                    self.viewer.layers.move(i, j)
+            preview = self._ensure_preview(prediction.plane)
         masks = prediction.masks(self.rank)
         ids = np.zeros(prediction.plane.shape_hw, dtype=np.uint8)
         for k in range(len(masks) - 1, -1, -1):
@@ -271,13 +316,25 @@ class InteractiveSegmenter(EncodingMixin, PromptInputMixin):
             ranked = " / ".join(f"{v:.2f}" for v in prediction.iou[0][prediction.order[0]])
             msg = (f"candidate {self.rank % prediction.num_candidates + 1}/{prediction.num_candidates}"
                    f" (predicted IoUs {ranked}; K cycles): {msg}")
-        self._status(msg)
+        self.report(msg)
+
+    def _ensure_preview(self, plane: SlicePlane):
+        """The preview layer placed on ``plane``, under the prompt layers. Made when an
+        image is chosen: napari's first Labels visual costs a second or two here, which
+        must not land between a click and its mask."""
+        with self._keep_active_layer():
+            preview = ensure_preview_layer(self.viewer, self.image_layer, plane)
+        if self.points_layer in self.viewer.layers:  # keep prompts drawn on top
+            i, j = self.viewer.layers.index(preview), self.viewer.layers.index(self.points_layer)
+            if i > j:
+                self.viewer.layers.move(i, j)
+        return preview
 
     # ------------------------------------------------------------------ actions
     def next_candidate(self) -> int:
         """Show the next of the candidate masks (by predicted IoU); returns the new rank."""
         if self.prediction is None or self.prediction.num_candidates == 1:
-            self._status("only one candidate mask (a single point gives three)")
+            self.report("only one candidate mask (a single point gives three)")
             return self.rank
         self.rank = (self.rank + 1) % self.prediction.num_candidates
         self._show(self.prediction)
@@ -285,26 +342,42 @@ class InteractiveSegmenter(EncodingMixin, PromptInputMixin):
         return self.rank
 
     def commit(self) -> CommitResult:
-        """Write the shown object(s) into the target Labels layer (one undo step) and
-        clear this slice's prompts. Returns what was written."""
+        """Write the shown object(s) into the target Labels layer (one undo step, or
+        nothing when it cannot be written: the status line says why) and clear this
+        slice's prompts. Returns what was written."""
         if self.prediction is None or self.plane is None:
-            self._status("nothing to commit: add a point or a box first")
+            prompts = self._prompts() if self.plane is not None else None
+            if prompts is not None and (len(prompts[0]) or len(prompts[2])) and not self.session.has_model:
+                self.report("nothing to commit: load a model first (Load model)")
+            elif prompts is not None and (len(prompts[0]) or len(prompts[2])):
+                self.report("nothing to commit yet: the slice is still being encoded")
+            else:
+                self.report("nothing to commit: add a point or a box first")
             return CommitResult([], [], [])
         masks = self.prediction.masks(self.rank)
         masks = masks[masks.reshape(len(masks), -1).any(axis=1)]
         if len(masks) == 0:
-            self._status("nothing to commit: the mask is empty")
+            self.report("nothing to commit: the mask is empty")
             return CommitResult([], [], [])
-        if self.labels_layer is None or self.labels_layer not in self.viewer.layers:
-            with self._keep_active_layer():
-                self.labels_layer = ensure_labels_layer(self.viewer, self.image_layer)
         refining = self.refine_id is not None and len(masks) == 1
-        result = commit_masks(self.labels_layer, self.image_layer, self.plane, masks,
-                              [self.refine_id] if refining else None, self.overwrite,
-                              self.refine_id if refining else None)
+        try:
+            labels = self.target_labels()
+            result = write_objects(
+                labels, self.image_layer, [self.plane], objects_to_ids(masks, self.overwrite)[None],
+                world_point=self.viewer.dims.point, overwrite=self.overwrite,
+                fixed_ids={1: self.refine_id} if refining else None,
+                replace_id=self.refine_id if refining else None)
+        except LabelsWriteError as exc:
+            self.report(f"not committed: {exc}")
+            return CommitResult([], [], [])
+        if not result.label_ids:
+            self.report("nothing committed: the object lies entirely on existing labels "
+                         "(tick 'overwrite existing labels' to paint over them); no id used")
+            return result
         kept = f"; {sum(result.skipped)} px kept from existing labels" if sum(result.skipped) else ""
+        covered = f"; {result.covered} object(s) entirely on existing labels, not written" if result.covered else ""
         self.clear(status=False)
-        self._status(f"committed label(s) {result.label_ids} to '{self.labels_layer.name}'{kept}")
+        self.report(f"committed label(s) {result.label_ids} to '{labels.name}'{kept}{covered}")
         return result
 
     def clear(self, status: bool = True) -> None:
@@ -318,31 +391,62 @@ class InteractiveSegmenter(EncodingMixin, PromptInputMixin):
         self.prediction, self.rank = None, 0
         self._show(None)
         if status:
-            self._status("prompts cleared")
+            self.report("prompts cleared")
         self.changed.emit()
 
     def refine_label(self, label_id: int) -> bool:
         """Start refining object ``label_id`` of the target labels on the shown slice: it is
         used as SAM's mask input for the next prompts, and commit replaces it."""
         if self.labels_layer is None or self.plane is None or self.image_layer is None:
-            self._status("choose an image and a target labels layer first")
+            self.report("choose an image and a target labels layer first")
             return False
-        mask = label_mask_on_plane(self.labels_layer, self.image_layer, self.plane, int(label_id))
+        mask = label_mask_on_plane(self.labels_layer, self.image_layer, self.plane, int(label_id),
+                                   self.viewer.dims.point)
         if not mask.any():
-            self._status(f"label {label_id} is not on this slice")
+            self.report(f"label {label_id} is not on this slice")
             return False
         self.refine_id, self._refine_mask = int(label_id), mask
-        self._status(f"refining label {label_id}: add points, then commit")
+        self.report(f"refining label {label_id}: add points, then commit")
         self.update_preview()
         return True
 
     def pick_label_at(self, position_world) -> bool:
         """Refine the object of the target labels under ``position_world`` (world coords)."""
         if self.labels_layer is None:
-            self._status("choose a target labels layer first")
+            self.report("choose a target labels layer first")
             return False
-        value = self.labels_layer.get_value(self.world_position(position_world), world=True)
+        try:
+            world = world_position(self.viewer.dims, position_world)
+        except ValueError as exc:
+            self.report(str(exc))
+            return False
+        value = self.labels_layer.get_value(world, world=True)
         if not value:
-            self._status("no label there to refine")
+            self.report("no label there to refine")
             return False
         return self.refine_label(int(value))
+
+    # ------------------------------------------------------------------ prompts from Python
+    def add_point(self, position_world, positive: bool | None = None) -> bool:
+        """Add a prompt point (world coordinates; a (row, col) means the shown slice); a
+        point outside the image or not finite is refused with a status message."""
+        if self.image_layer is None:
+            self.report("choose an image layer first")
+            return False
+        self._ensure_prompt_layers()
+        why = add_point_prompt(self.viewer.dims, self.image_layer, self.points_layer, position_world,
+                               self.positive if positive is None else positive, self.positive)
+        if why is not None:
+            self.report(why)
+        return why is None
+
+    def add_box(self, corner0_world, corner1_world) -> bool:
+        """Add a box prompt from two opposite corners (world coordinates)."""
+        if self.image_layer is None or self.plane is None:
+            self.report("choose an image layer and a 2D view first")
+            return False
+        self._ensure_prompt_layers()
+        why = add_box_prompt(self.viewer.dims, self.boxes_layer, corner0_world, corner1_world, self.plane)
+        if why is not None:
+            self.report(why)
+        return why is None

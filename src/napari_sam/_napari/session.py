@@ -13,8 +13,8 @@ embedding is reused by all of them::
     embedding = session.embedding(image_layer, plane)  # cached, or encoded now (blocking)
     session.predictor.set_embedding(embedding)     # then predictor.predict(...)
 
-From the GUI thread use :meth:`SamSession.encode_worker` instead of blocking calls: it
-encodes in a napari ``thread_worker`` with a progress bar and emits ``embedding_ready``.
+From the GUI thread use :meth:`SamSession.encode_job` with a
+:class:`~napari_sam._napari.jobs.JobRunner` instead of blocking calls.
 :class:`SliceEmbeddings` gives a whole stack axis (for volume propagation) through the
 same cache.
 
@@ -27,6 +27,7 @@ layer's data or removing the layer drops its entries (and nothing else).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import weakref
 
@@ -34,7 +35,7 @@ import numpy as np
 from psygnal import Signal
 
 from ..engine import EmbeddingCache, EmbeddingKey, ImageEmbedding, SamPredictor, build_sam
-from .geometry import SlicePlane, plane_image
+from .geometry import SlicePlane, base_data, plane_pixels
 
 DEFAULT_CACHE_SIZE = 16  # 16 x 4 MiB for 1024-pixel models
 
@@ -51,11 +52,9 @@ class SamSession:
 
     Signals (emitted on the GUI thread):
         model_changed(model): after :meth:`set_model` / :meth:`load_model`.
-        embedding_ready(key, embedding): an :meth:`encode_worker` finished.
     """
 
     model_changed = Signal(object)
-    embedding_ready = Signal(object, object)
 
     def __init__(self, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         self.cache = EmbeddingCache(cache_size)
@@ -126,7 +125,17 @@ class SamSession:
             raise RuntimeError("no model is loaded: call load_model() or set_model() first")
         self._watch(layer)
         source = (_layer_id(layer), self._versions.get(_layer_id(layer), 0))
-        return EmbeddingKey(source, plane.index, _signature(self._model), normalisation(layer))
+        return EmbeddingKey(source, plane.index, _signature(self._model), self.normalisation_for(layer))
+
+    def normalisation_for(self, layer) -> tuple:
+        """How ``layer``'s pixels become SAM input: the attached store's normalisation when
+        the layer has a store (stored embeddings must stay valid), else the layer's
+        contrast limits (SAM sees what the user sees). See :func:`normalisation`."""
+        store = self._stores.get(_layer_id(layer))
+        if store is not None:
+            limits = store.contrast_limits
+            return ("store",) if limits is None else ("contrast", *(float(v) for v in limits))
+        return normalisation(layer)
 
     def invalidate_layer(self, layer) -> int:
         """Forget every embedding of ``layer`` (call it after editing its data in place)."""
@@ -167,33 +176,23 @@ class SamSession:
     def embedding(self, layer, plane: SlicePlane) -> ImageEmbedding:
         """The embedding of ``plane``: from the cache, or encoded now (blocking)."""
         key = self.key_for(layer, plane)
-        cached = self.cache.get(key)
-        if cached is not None:
-            return cached
-        return self._encode(layer, plane, key)
+        return self._cached_or_encoded(base_data(layer), plane, key, self.store_for(layer))
 
-    def encode_worker(self, layer, plane: SlicePlane, start: bool = True):
-        """Encode ``plane`` in a napari ``thread_worker`` with a progress bar.
+    def encode_job(self, layer, plane: SlicePlane):
+        """``(key, job)``: the encoding of ``plane`` as a one-step generator for a
+        :class:`~napari_sam._napari.jobs.JobRunner`. Everything it needs from the layer
+        (data array, normalisation, attached store) is read here, on the GUI thread; the
+        job returns ``(key, embedding)`` and puts the embedding into the cache unless the
+        model changed meanwhile."""
+        key = self.key_for(layer, plane)
+        data, store = base_data(layer), self.store_for(layer)
 
-        The worker returns ``(key, embedding)``; connect to ``worker.returned`` (GUI
-        thread) or to :attr:`embedding_ready`. The embedding goes into the cache unless the
-        model changed meanwhile. Returns the worker (started unless ``start=False``).
-        """
-        from napari.qt.threading import create_worker
+        def job():
+            if False:  # pragma: no cover - a generator with no progress steps
+                yield
+            return key, self._cached_or_encoded(data, plane, key, store)
 
-        key = self.key_for(layer, plane)  # read layer state (contrast) on the GUI thread
-        worker = create_worker(
-            self._encode_returning_key,
-            layer,
-            plane,
-            key,
-            _start_thread=False,
-            _progress={"desc": f"SAM: encoding '{layer.name}' ({plane.describe()})"},
-        )
-        worker.returned.connect(lambda result: self.embedding_ready.emit(*result))
-        if start:
-            worker.start()
-        return worker
+        return key, job()
 
     # ------------------------------------------------------------------ stores
     def attach_store(self, layer, store) -> None:
@@ -210,37 +209,37 @@ class SamSession:
         """The store attached to ``layer``, or None."""
         return self._stores.get(_layer_id(layer))
 
-    def _store_index(self, layer, plane: SlicePlane, key: EmbeddingKey):
-        """(store, slice index) when ``plane`` can come from the layer's store, else None."""
-        store = self._stores.get(_layer_id(layer))
+    def _store_index(self, store, plane: SlicePlane, key: EmbeddingKey):
+        """(store, slice index) when ``plane`` can come from ``store``, else None."""
         if store is None or store.predictor.model is not self._model or plane.ndim != 3:
             return None
         axis = store.view.axis
         if tuple(plane.axes_rc) != tuple(a for a in range(3) if a != axis):
             return None  # transposed view: not the stored orientation
-        limits = None if key.normalisation == ("uint8",) else tuple(key.normalisation[1:])
+        limits = contrast_limits_of(key.normalisation)
         if limits != (None if store.contrast_limits is None else tuple(store.contrast_limits)):
             return None
         return store, plane.index[axis]
 
-    def _encode_returning_key(self, layer, plane, key):
-        return key, self._encode(layer, plane, key)
-
-    def _encode(self, layer, plane: SlicePlane, key: EmbeddingKey) -> ImageEmbedding:
-        """Encode (any thread): uses the predictor current at call time, touches no state
-        but the thread-safe cache."""
+    def _cached_or_encoded(self, data, plane: SlicePlane, key: EmbeddingKey, store) -> ImageEmbedding:
+        """The embedding of ``plane`` of the array ``data`` (any thread): from the cache,
+        the layer's ``store`` (None: no store), or encoded now (reading only this plane).
+        Uses the predictor current at call time; touches no state but the thread-safe
+        cache and the store (which locks), and nothing of the layer."""
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        stored = self._store_index(store, plane, key)
         predictor = self._predictor
         if predictor is None:
             raise RuntimeError("no model is loaded: call load_model() or set_model() first")
-        stored = self._store_index(layer, plane, key)
         if stored is not None:
             embedding = stored[0].embedding(stored[1])  # from disk, or encoded and stored
             if predictor is self._predictor:
                 self.cache.put(key, embedding)
             return embedding
-        image = plane_image(layer, plane)
-        limits = None if key.normalisation == ("uint8",) else key.normalisation[1:]
-        embedding = predictor.encode_image(image, contrast_limits=limits)
+        image = plane_pixels(data, plane)
+        embedding = predictor.encode_image(image, contrast_limits=contrast_limits_of(key.normalisation))
         if predictor is self._predictor:  # the model did not change meanwhile
             self.cache.put(key, embedding)
         return embedding
@@ -270,28 +269,45 @@ class SliceEmbeddings:
             raise ValueError(f"expected a non-displayed axis among {hidden}, got {axis}")
         self.session, self.layer, self.template, self.axis = session, layer, plane, axis
         self.original_size = plane.shape_hw
-        session.key_for(layer, plane)  # watch the layer from the GUI thread
+        # what the worker thread needs, read here on the GUI thread (never the layer later)
+        self._key = session.key_for(layer, plane)
+        self._data, self._store = base_data(layer), session.store_for(layer)
+        self._length = int(self._data.shape[axis])
 
     def __len__(self) -> int:
-        shape = self.layer.data[0].shape if getattr(self.layer, "multiscale", False) else self.layer.data.shape
-        return int(shape[self.axis])
+        return self._length
 
     def plane(self, i: int) -> SlicePlane:
         index = list(self.template.index)
         index[self.axis] = int(i)
         return SlicePlane(self.template.axes_rc, tuple(index), self.template.shape_hw)
 
+    def key(self, i: int) -> EmbeddingKey:
+        """The cache key of slice ``i`` (as captured when this object was made)."""
+        return dataclasses.replace(self._key, index=self.plane(i).index)
+
+    def image(self, i: int):
+        """The pixels of slice ``i`` (H, W) or (H, W, C) (reads that slice only)."""
+        return plane_pixels(self._data, self.plane(i))
+
     def embedding(self, i: int) -> ImageEmbedding:
-        return self.session.embedding(self.layer, self.plane(i))
+        """Slice ``i``'s embedding: cached, stored, or encoded now (blocking; any thread)."""
+        return self.session._cached_or_encoded(self._data, self.plane(i), self.key(i), self._store)
 
 
 def _layer_id(layer):
     return getattr(layer, "unique_id", None) or id(layer)
 
 
+def contrast_limits_of(norm: tuple) -> tuple[float, float] | None:
+    """The ``contrast_limits`` argument of the engine for a normalisation tuple."""
+    return tuple(norm[1:]) if norm[0] == "contrast" else None
+
+
 def normalisation(layer) -> tuple:
     """How pixels of ``layer`` become 8 bit: ("uint8",) unchanged, or ("contrast", lo, hi)
-    with the layer's contrast limits, i.e. SAM sees what the user sees."""
+    with the layer's contrast limits, i.e. SAM sees what the user sees. (A layer with an
+    embedding store attached uses the store's: ``SamSession.normalisation_for``.)"""
     data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
     lo, hi = (float(v) for v in layer.contrast_limits)
     if np.dtype(data.dtype) == np.uint8 and (lo, hi) == (0.0, 255.0):
@@ -302,11 +318,26 @@ def normalisation(layer) -> tuple:
 _SESSIONS: dict[int, tuple[weakref.ref, SamSession]] = {}
 
 
+def real_viewer(viewer):
+    """The viewer itself: napari hands each docked widget a proxy of the viewer
+    (``PublicOnlyProxy``, a wrapt proxy); one viewer must give one session whatever proxy
+    a widget got, so unwrap it."""
+    for _ in range(8):  # proxies of proxies, in principle
+        inner = getattr(viewer, "__wrapped__", None)
+        if inner is None or inner is viewer:
+            break
+        viewer = inner
+    return viewer
+
+
 def session_for(viewer, create: bool = True) -> SamSession | None:
     """The :class:`SamSession` of ``viewer`` (one per viewer, created on first use).
 
-    Stored per viewer object (weakly), never module-wide: two viewers have two sessions.
+    Keyed on the real viewer (proxies are unwrapped) and held weakly: every napari-sam
+    widget of a viewer, however it was opened, gets the same session, which outlives
+    closing and reopening a widget and goes with the viewer. Two viewers, two sessions.
     """
+    viewer = real_viewer(viewer)
     entry = _SESSIONS.get(id(viewer))
     if entry is not None and entry[0]() is viewer:
         return entry[1]
@@ -321,3 +352,9 @@ def session_for(viewer, create: bool = True) -> SamSession | None:
 
     _SESSIONS[key] = (weakref.ref(viewer, forget), session)
     return session
+
+
+def drop_session(viewer) -> None:
+    """Forget ``viewer``'s session (its model and embeddings); the next
+    :func:`session_for` makes a new one. For a viewer reused by unrelated work (tests)."""
+    _SESSIONS.pop(id(real_viewer(viewer)), None)

@@ -34,10 +34,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from .jobs import JobRunner, as_generator
 from .labels_io import CommitResult
+from .lifetime import on_close
 from .prompt_layers import refill_layer_combos
 from .segmenter import InteractiveSegmenter
-from .session import SamSession, session_for
+from .session import SamSession, real_viewer, session_for
 from .volume_panel import VolumePanel
 
 MODEL_CHOICES = (("vit_t", "vit_t — MobileSAM (fast on CPU)"), ("vit_b", "vit_b — SAM base"),
@@ -58,20 +60,22 @@ class SegmentAnythingWidget(QWidget):
 
     def __init__(self, napari_viewer, session: SamSession | None = None) -> None:
         super().__init__()
-        self.viewer = napari_viewer
-        self.session = session if session is not None else session_for(napari_viewer)
-        self.segmenter = InteractiveSegmenter(napari_viewer, self.session)
-        self._load_worker = None
+        self.viewer = real_viewer(napari_viewer)  # napari may hand us a proxy of it
+        self.session = session if session is not None else session_for(self.viewer)
+        self.segmenter = InteractiveSegmenter(self.viewer, self.session)
         self._build_ui()
+        self.loader = JobRunner(self.segmenter.report)
+        self.loader.busy_changed.connect(lambda busy: self._load_button.setEnabled(not busy))
         self.segmenter.changed.connect(self._update_ui)
         self.segmenter.status.connect(self._on_status)
         self.session.model_changed.connect(self._on_model_changed)
-        events = napari_viewer.layers.events
+        events = self.viewer.layers.events
         for ev in (events.inserted, events.removed, events.reordered):
             ev.connect(self._refresh_layer_choices)
-        self._cleanup = _Cleanup(self.segmenter, napari_viewer, self._bind_keys(),
-                                 self._refresh_layer_choices, self._on_model_changed)
-        self.destroyed.connect(self._cleanup)
+        self._cleanup = _Cleanup(self.segmenter, self.viewer, self._bind_keys(),
+                                 self._refresh_layer_choices, self._on_model_changed,
+                                 [self.loader, self.volume.runner])
+        on_close(self, self._cleanup)
         self._refresh_layer_choices()
         self._on_model_changed(self.session.model)
 
@@ -143,7 +147,7 @@ class SegmentAnythingWidget(QWidget):
             grid.addLayout(row)
         grid.addWidget(self._refine)
         layout.addWidget(prompt_box)
-        self.volume = VolumePanel(self)  # propagation, embedding store
+        self.volume = VolumePanel(self.segmenter, self.session)  # propagation, embedding store
         layout.addWidget(self.volume)
         self._status = QLabel("choose an image and load a model")
         self._status.setWordWrap(True)
@@ -228,27 +232,25 @@ class SegmentAnythingWidget(QWidget):
         """Build and use a model: ``model_type`` "vit_t" | "vit_b" | "vit_l" | "vit_h",
         ``checkpoint`` a local file (None = official weights, downloaded once), ``device``
         "auto" | "cpu" | "cuda" | "mps". Unset arguments come from the widget's fields.
-        ``wait=False`` loads in a worker (the button does) and returns the worker."""
-        from ..engine import build_sam
+        ``wait=False`` loads in a worker (the button does) and returns the worker; a
+        failure (offline, bad file) reaches the status line and a notification."""
+        from .. import engine
 
         model_type = model_type or self._model_type.currentData()
         checkpoint = checkpoint or (self._checkpoint.text().strip() or None)
         device = device or self._device.currentText()
         if wait:
             return self.session.load_model(model_type, checkpoint, device, precision)
-        from napari.qt.threading import create_worker
+        build = engine.build_sam  # looked up now: tests replace it
 
-        worker = create_worker(build_sam, model_type, checkpoint=checkpoint, device=device,
-                               precision=precision, _start_thread=False,
-                               _progress={"desc": f"SAM: loading {model_type}"})
-        worker.returned.connect(self.session.set_model)
-        worker.errored.connect(lambda exc: self._status.setText(f"could not load the model: {exc}"))
-        worker.finished.connect(lambda: self._load_button.setEnabled(True))
-        self._load_button.setEnabled(False)
-        self._status.setText(f"loading {model_type}…")
-        self._load_worker = worker
-        worker.start()
-        return worker
+        def done(model):
+            self.session.set_model(model)
+            self.segmenter.report(f"model {model_type} loaded")
+
+        self.segmenter.report(f"loading {model_type}…")
+        return self.loader.start(
+            as_generator(lambda: build(model_type, checkpoint=checkpoint, device=device, precision=precision)),
+            desc=f"SAM: loading {model_type}", on_done=done)
 
     def set_image_layer(self, layer) -> None:
         """Segment this Image layer (2D, 3D, time series, RGB; any dtype)."""
@@ -334,7 +336,6 @@ class SegmentAnythingWidget(QWidget):
     def cleanup(self) -> None:
         """Unhook from the viewer (keys, events) and the session; runs by itself when the
         widget is destroyed. The layers stay."""
-        self.volume.cancel()
         self._cleanup()
 
     @property
@@ -346,14 +347,16 @@ class SegmentAnythingWidget(QWidget):
 class _Cleanup:
     """Runs when the widget's Qt object is destroyed: unhook it from viewer and session."""
 
-    def __init__(self, segmenter, viewer, bindings, refresh, on_model) -> None:
-        self.args = (segmenter, viewer, bindings, refresh, on_model)
+    def __init__(self, segmenter, viewer, bindings, refresh, on_model, runners) -> None:
+        self.args = (segmenter, viewer, bindings, refresh, on_model, runners)
 
     def __call__(self, *_args) -> None:
         if self.args is None:
             return
-        segmenter, viewer, bindings, refresh, on_model = self.args
+        segmenter, viewer, bindings, refresh, on_model, runners = self.args
         self.args = None
+        for runner in runners:  # cancel and join: no result lands after the widget is gone
+            runner.shutdown()
         segmenter.close()
         for ev in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.reordered):
             ev.disconnect(refresh)

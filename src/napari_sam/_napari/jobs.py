@@ -1,0 +1,228 @@
+"""The one job runner of the napari layer: an engine generator in a napari ``thread_worker``.
+
+Every long piece of work (loading a model, encoding a slice, propagating, precomputing a
+store, segmenting everything, opening a store) runs through :class:`JobRunner`:
+
+* **inputs captured on the GUI thread**: the caller builds the generator (reading layers,
+  contrast limits, parameters) before :meth:`JobRunner.start`; the worker thread only
+  iterates it;
+* **progress**: napari's activity dock shows it, and so does the widget's own bar;
+* **cancel within a second**: :meth:`JobRunner.cancel` sets the job's ``threading.Event``
+  (the engine generators check it) and the runner stops at the next yield, closing the
+  generator (engine generators write nothing before they return, so nothing is half done);
+* **errors never escape**: an exception in the worker becomes a message on the status line
+  and a napari notification, never a traceback or a dead process;
+* **only current results are applied**: ``is_current()`` is asked on the GUI thread before
+  ``on_done(result)``; a result whose inputs changed meanwhile is dropped, with a message;
+* **closing cancels and joins**: :meth:`JobRunner.shutdown` (called when its widget is
+  destroyed) cancels the job and waits for its thread to end.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+from psygnal import Signal
+
+
+class JobCancelled(Exception):
+    """Raised inside a job's generator wrapper when the user cancelled (never escapes)."""
+
+
+@dataclass
+class _Outcome:
+    """What the worker thread hands back to the GUI thread."""
+
+    result: Any = None
+    error: BaseException | None = None
+    cancelled: bool = False
+
+
+@dataclass
+class Job:
+    """One running job: its worker, cancel flag and end-of-thread flag."""
+
+    desc: str
+    worker: Any
+    cancel: threading.Event
+    ended: threading.Event
+
+
+def _iterate(gen: Generator, cancel: threading.Event, ended: threading.Event):
+    """The worker body: forward ``gen``'s yields, stop at the first yield after a cancel,
+    turn any exception into an :class:`_Outcome` (runs in the worker thread)."""
+    try:
+        while True:
+            if cancel.is_set():
+                gen.close()
+                return _Outcome(cancelled=True)
+            try:
+                item = next(gen)
+            except StopIteration as stop:
+                if cancel.is_set() and stop.value is None:
+                    return _Outcome(cancelled=True)
+                return _Outcome(result=stop.value)
+            yield item
+    except Exception as exc:  # noqa: BLE001 - reported on the GUI thread, never raised
+        return _Outcome(error=exc)
+    finally:
+        ended.set()
+
+
+def as_generator(fn: Callable[[], Any]) -> Generator[None, None, Any]:
+    """A one-step job: ``fn()`` (blocking) as a generator returning its result."""
+    if False:  # pragma: no cover - makes this function a generator
+        yield
+    return fn()
+
+
+class JobRunner:
+    """Runs one job at a time for a widget.
+
+    Args:
+        report: ``report(message)`` shows a message to the user (status line).
+        progress_bar: optional ``QProgressBar`` kept in step with the job, reset after it.
+
+    Signals: ``busy_changed(bool)`` when a job starts or ends (GUI thread).
+    """
+
+    busy_changed = Signal(bool)
+
+    def __init__(self, report: Callable[[str], None], progress_bar=None) -> None:
+        self._report = report
+        self._bar = progress_bar
+        self.job: Job | None = None
+        self._closed = False
+
+    @property
+    def running(self) -> bool:
+        return self.job is not None
+
+    def start(
+        self,
+        gen: Generator | Callable[[threading.Event], Generator],
+        *,
+        desc: str,
+        total: int = 0,
+        on_yield: Callable[[Any], None] | None = None,
+        on_done: Callable[[Any], Any] | None = None,
+        on_cancel: Callable[[], None] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+        is_current: Callable[[], bool] | None = None,
+        cancel: threading.Event | None = None,
+    ):
+        """Run ``gen`` (a generator, or a function of the cancel event returning one) in a
+        worker; ``on_done(result)`` runs on the GUI thread if ``is_current()`` still holds.
+        Returns the worker, or None when another job is running (the user is told)."""
+        from napari.qt.threading import create_worker
+
+        if self._closed:
+            return None
+        if self.job is not None:
+            self._report(f"busy: {self.job.desc} is running (cancel it first)")
+            return None
+        cancel = cancel if cancel is not None else threading.Event()
+        ended = threading.Event()
+        if callable(gen) and not isinstance(gen, Generator):
+            gen = gen(cancel)
+        progress = {"desc": desc}
+        if total:
+            progress["total"] = int(total)
+        worker = create_worker(_iterate, gen, cancel, ended, _start_thread=False,
+                               _ignore_errors=True, _progress=progress)
+        job = Job(desc, worker, cancel, ended)
+        if on_yield is not None:
+            worker.yielded.connect(lambda item: None if self._closed else on_yield(item))
+        worker.returned.connect(
+            lambda outcome: self._finish(job, outcome, on_done, on_cancel, on_error, is_current))
+        # a failure of the thread machinery itself (the body never raises)
+        worker.errored.connect(lambda exc: self._finish(job, _Outcome(error=exc), None, None, on_error, None))
+        worker.finished.connect(lambda: self._release(job))
+        if self._bar is not None:
+            self._bar.setRange(0, max(int(total), 0))  # 0, 0: busy indicator
+            self._bar.setValue(0)
+        self.job = job
+        worker.start()
+        self.busy_changed.emit(True)
+        return worker
+
+    def step(self, done: int, total: int | None = None) -> None:
+        """Show progress ``done`` (of ``total``) on the widget's bar."""
+        if self._bar is not None and not self._closed:
+            if total is not None:
+                self._bar.setRange(0, max(int(total), 1))
+            self._bar.setValue(int(done))
+
+    def _finish(self, job, outcome: _Outcome, on_done, on_cancel, on_error, is_current) -> None:
+        if self._closed:
+            return
+        if outcome.error is not None:
+            message = f"{job.desc} failed: {outcome.error}"
+            self._report(message)
+            notify_error(message)
+            if on_error is not None:
+                on_error(outcome.error)
+        elif outcome.cancelled:
+            if on_cancel is not None:
+                on_cancel()
+            else:
+                self._report(f"{job.desc}: cancelled, nothing changed")
+        elif is_current is not None and not is_current():
+            self._report(f"{job.desc}: the image, layers or model changed meanwhile; result dropped")
+        elif on_done is not None:
+            try:
+                on_done(outcome.result)
+            except Exception as exc:  # noqa: BLE001 - a failed write is reported, not raised
+                message = f"{job.desc} failed: {exc}"
+                self._report(message)
+                notify_error(message)
+
+    def _release(self, job) -> None:
+        if self.job is job:
+            self.job = None
+            if self._bar is not None and not self._closed:
+                self._bar.setRange(0, 1)
+                self._bar.setValue(0)
+            if not self._closed:
+                self.busy_changed.emit(False)
+
+    def cancel(self) -> None:
+        """Ask the running job to stop (it does at its next progress step)."""
+        if self.job is not None:
+            self.job.cancel.set()
+
+    def wait(self, timeout: float = 120.0) -> bool:
+        """Process Qt events until no job runs (scripts, tests); False on timeout."""
+        from qtpy.QtWidgets import QApplication
+
+        deadline = time.monotonic() + timeout
+        while self.job is not None:
+            if time.monotonic() > deadline:
+                return False
+            QApplication.processEvents()
+            time.sleep(0.005)
+        return True
+
+    def shutdown(self, timeout: float = 10.0) -> bool:
+        """Cancel the job, wait for its thread to end, and never apply its result (the
+        widget is going away). True when no thread is left running."""
+        self._closed = True
+        job, self.job = self.job, None
+        if job is None:
+            return True
+        job.cancel.set()
+        return job.ended.wait(timeout)
+
+
+def notify_error(message: str) -> None:
+    """A napari error notification with our message (no traceback)."""
+    try:
+        from napari.utils.notifications import show_error
+
+        show_error(message)
+    except Exception:  # noqa: BLE001 - notifications are best effort (e.g. at shutdown)
+        pass
