@@ -3,11 +3,28 @@
 Random weights cannot tell whether a click lands on the right object after resizing,
 padding, scale/translate and slicing. The oracle can: its "embedding" is the grayscale
 model input itself, packed into the usual (1, C, S/16, S/16) shape (C * (S/16)^2 == S^2
-for C = 256), so it travels through every cache and store like a real embedding. Its
-decoder returns the connected region of (nearly) constant intensity under each positive
-point, minus the regions under negative points; for a box, the largest non-zero region
-inside it. Test images draw each object with its own non-zero intensity on a zero
-background, so "the region under the click" is exactly "the true object".
+for C = 256), so it travels through every cache and store like a real embedding. Test
+images draw each object with its own non-zero intensity on a zero background, so "the
+region under the click" is exactly "the true object". A *region* is a connected set of
+pixels of (nearly, within TOLERANCE) constant non-zero intensity.
+
+Its decoder, per prompt (everything in the padded (S, S) model-input frame):
+
+* mask prior: a ``mask_input`` (low-res logits) is upsampled to (S, S) bilinearly, as
+  ``postprocess_masks`` does, and thresholded at 0: the prior ``M``. So a prompt that was
+  resized, padded or scaled wrongly lands elsewhere.
+* base object:
+  - box without mask: the largest connected non-zero area inside the box (clipped to it;
+    touching objects of different intensity merge);
+  - box with mask: of those connected areas inside the box, the one overlapping ``M``
+    most (ties: the larger); if ``M`` overlaps none, as without mask;
+  - mask without box: the region of the intensity most common under ``M`` (an object's
+    interior, exact where its border is blurred) that overlaps ``M`` most; empty when
+    ``M`` covers only background or padding. So a mask prompt follows its object from
+    slice to slice, its shape taken from the image, not copied from ``M``;
+  - neither: empty.
+* then the region under each positive point is added, the region under each negative
+  point removed (a point on the background gives the background region).
 
 Multimask output gives three candidates: the object eroded (predicted IoU 0.5), the object
 (0.9), and the object dilated (0.6) — so "best candidate" logic is exercised too.
@@ -77,15 +94,46 @@ class OracleSam:
         return labels == labels[r, c]
 
     @staticmethod
-    def _largest_in_box(img: np.ndarray, box: np.ndarray) -> np.ndarray:
+    def _box_areas(img: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, int]:
+        """Connected non-zero areas inside ``box`` (x0 y0 x1 y1, model-input pixels):
+        (S, S) int labels (0 outside), their number."""
         x0, y0, x1, y1 = (int(round(float(v))) for v in box)
         inside = np.zeros_like(img, dtype=bool)
         inside[max(y0, 0) : max(y1, 0) + 1, max(x0, 0) : max(x1, 0) + 1] = True
-        labels, n = ndimage.label((img > TOLERANCE) & inside)
+        return ndimage.label((img > TOLERANCE) & inside)
+
+    @classmethod
+    def _largest_in_box(cls, img: np.ndarray, box: np.ndarray) -> np.ndarray:
+        labels, n = cls._box_areas(img, box)
         if n == 0:
             return np.zeros_like(img, dtype=bool)
-        sizes = ndimage.sum(np.ones_like(img), labels, index=np.arange(1, n + 1))
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
         return labels == (1 + int(np.argmax(sizes)))
+
+    def _in_box(self, img: np.ndarray, box: np.ndarray, prior: np.ndarray | None) -> np.ndarray:
+        """Box prompt, with the mask prior ``prior`` ((S, S) bool) choosing between areas."""
+        if prior is not None:
+            labels, n = self._box_areas(img, box)
+            overlap = np.bincount(labels[prior], minlength=n + 1)[1:]
+            if n and overlap.max() > 0:
+                sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+                best = max(range(n), key=lambda k: (overlap[k], sizes[k], -k))
+                return labels == best + 1
+        return self._largest_in_box(img, box)
+
+    @staticmethod
+    def _region_under(img: np.ndarray, prior: np.ndarray) -> np.ndarray:
+        """The region of the intensity most common under ``prior`` ((S, S) bool) that
+        overlaps it most; empty if it covers only background or padding."""
+        under = img[prior]  # (P,) intensities under the prior
+        values, counts = np.unique(under[under > TOLERANCE], return_counts=True)
+        if not len(values):
+            return np.zeros_like(img, dtype=bool)
+        value = values[np.argmax(counts)]  # an object's interior: exact, unlike its blurred border
+        labels, n = ndimage.label(np.abs(img - value) <= TOLERANCE)
+        overlap = np.bincount(labels[prior], minlength=n + 1)
+        overlap[0] = 0
+        return labels == int(np.argmax(overlap))
 
     def decode(
         self,
@@ -103,11 +151,15 @@ class OracleSam:
         batch = next(t.shape[0] for t in (points_xy, boxes_xyxy, mask_input) if t is not None)
         low = []
         for b in range(batch):
+            prior = None
+            if mask_input is not None:  # (1, h, w) logits -> (S, S) bool, as postprocess_masks
+                up = F.interpolate(mask_input[b : b + 1].float(), (s, s), mode="bilinear",
+                                   align_corners=False)
+                prior = up[0, 0].cpu().numpy() > 0
             if boxes_xyxy is not None:
-                mask = self._largest_in_box(img, boxes_xyxy[b].cpu().numpy())
-            elif mask_input is not None:
-                up = F.interpolate(mask_input[b : b + 1].float(), (s, s), mode="bilinear")
-                mask = up[0, 0].cpu().numpy() > 0
+                mask = self._in_box(img, boxes_xyxy[b].cpu().numpy(), prior)
+            elif prior is not None:
+                mask = self._region_under(img, prior)
             else:
                 mask = np.zeros((s, s), dtype=bool)
             if points_xy is not None:

@@ -3,6 +3,7 @@
 from .build import build_sam
 from .cache import EmbeddingCache, EmbeddingKey
 from .device import choose_device, choose_precision
+from .mask_prompt import mask_to_logits
 from .predictor import ImageEmbedding, SamPredictor
 from .stack import VolumeEmbeddings
 from .store import (
@@ -37,6 +38,7 @@ __all__ = [
     "choose_precision",
     "fetch_checkpoint",
     "interpolate",
+    "mask_to_logits",
     "propagate",
     "read_store_info",
     "run_generator",

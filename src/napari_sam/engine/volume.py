@@ -8,8 +8,9 @@ strategy combining:
 * ``points``: ``n_points`` positive points deep inside the previous mask (the maximum of
   its distance transform, then farthest-point spread over the deep interior), so they stay
   on the object when its outline moves;
-* ``mask``: the previous slice's low-res logits as ``mask_input`` (the user's start mask
-  is converted to logits for the first step).
+* ``mask``: the previous slice's low-res logits as ``mask_input`` (a start or annotated
+  mask without logits is converted by :func:`~napari_sam.engine.mask_prompt.mask_to_logits`,
+  the same conversion the widget's refine uses).
 
 Box and points move with the object: the shift between the last two kept slices'
 centroids is applied to them (constant velocity), which matters for time series.
@@ -21,17 +22,23 @@ touching neighbour, a curved tube, an object ending below another), on the oracl
 a "SAM-like" oracle (prompts combined jointly, a box stops at intensity edges, +-2 px
 border noise, a lone point returns part of the object half the time). Mean oracle /
 SAM-like: box+points 0.89 / 0.79, box 0.89 / 0.79, points 0.93 / 0.79, one point 0.88 /
-0.56, points+mask 0.63 / 0.57, mask 0.35 / 0.32. So: ``mask`` alone cannot change shape
-(it copies the previous mask) and also harms combinations by carrying errors forward;
-one point is ambiguous; points alone lost only where the plain oracle's box merges
+0.56. One point is ambiguous; points alone lost only where the plain oracle's box merges
 touching objects whatever their intensity (SAM stops at edges: the SAM-like oracle
 scores both 0.90). Box+points keeps the box — SAM's strongest prompt, it fixes the scale
 (part vs whole), which points cannot — and the points pin the object when the box holds
-several. The oracles cannot tell whether adding ``mask`` helps real SAM (they ignore it
-beside a box); re-run the comparison with real weights on annotated data
+several. With ``mask`` (the oracles honour it: a mask alone selects the region it covers
+most, a box with a mask the area inside the box it covers most): mask 0.93 / 0.79,
+points+mask 0.93 / 0.79, box+points+mask 0.89 / 0.79, box+mask 0.89 / 0.77 — the mask
+neither helps nor harms there (earlier figures of 0.35 for mask alone came from an oracle
+that copied the mask prompt, not from SAM). How much real SAM trusts a mask prompt the
+oracles cannot tell (SAM learnt mask inputs as its own previous output, given with
+points); re-run the comparison with real weights on annotated data
 (``compare --image --labels``) before changing the default. Margin 0.1 loses growing
 objects (0.21 on fast shape change, SAM-like); ``iou_threshold`` 0.3 runs into the next
 object (0.07 on the object ending mid-stack), 0.7 stops too early (0.04 on drift).
+SAM is asked for three candidates (the one closest to the previous mask is kept) only
+for a lone point; a box or a mask prompt gives the extent, and choosing among candidates
+by their likeness to the previous slice would only pull the result back to it.
 
 Stopping: the mask vanishes (area < ``min_area``), its IoU with the previous slice falls
 below ``iou_threshold`` (the prompt jumped to another object or leaked), the end of the
@@ -50,6 +57,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from .mask_prompt import mask_to_logits
 from .predictor import SamPredictor
 
 VANISHED, LOW_IOU, RANGE, END, MET = "vanished", "low_iou", "range", "end", "met_other_side"
@@ -163,20 +171,6 @@ def run_generator(gen: Generator):
             return stop.value
 
 
-def mask_to_logits(mask: np.ndarray, predictor: SamPredictor, scale: float = 8.0) -> np.ndarray:
-    """(H, W) bool in slice pixels -> (1, 4He, 4We) logits (+-scale) in SAM's padded frame."""
-    import torch
-    import torch.nn.functional as F
-
-    h, w = predictor.input_size
-    s = predictor.model.image_size
-    t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    t = F.interpolate(t, (h, w), mode="bilinear", align_corners=False)  # (1, 1, h, w)
-    t = F.pad(t, (0, s - w, 0, s - h))  # (1, 1, S, S)
-    t = F.interpolate(t, predictor.low_res_size, mode="area")  # (1, 1, 4He, 4We)
-    return ((t[0] - 0.5) * 2 * scale).numpy()
-
-
 def box_prompt(mask: np.ndarray, margin: float) -> np.ndarray:
     """(4,) float x0 y0 x1 y1 around ``mask`` (H, W), enlarged and clipped to the image."""
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
@@ -230,7 +224,8 @@ def _predict(predictor, prev: _Slice, strategy: PromptStrategy, shift_xy=(0.0, 0
     if strategy.mask:
         logits = prev.logits
         kwargs["mask_input"] = mask_to_logits(prev.mask, predictor) if logits is None else logits
-    multimask = not strategy.box and len(kwargs.get("point_coords", ())) <= 1
+    # three candidates only for a lone point (ambiguous); a box or a mask gives the extent
+    multimask = not (strategy.box or strategy.mask) and len(kwargs.get("point_coords", ())) <= 1
     masks, scores, low_res = predictor.predict(multimask_output=multimask, **kwargs)
     best = int(np.argmax([iou(m, prev.mask) for m in masks])) if multimask else 0
     return masks[best], float(scores[best]), low_res[best : best + 1]
