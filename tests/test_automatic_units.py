@@ -202,7 +202,7 @@ def test_bad_parameters_are_rejected(tiny_sam):
         SamAutomaticMaskGenerator(tiny_sam, points_per_side=None, point_grids=[np.zeros((4, 2))], crop_n_layers=1)
     with pytest.raises(ValueError, match="expected output_mode"):
         SamAutomaticMaskGenerator(tiny_sam, output_mode="png")
-    with pytest.raises(ValueError, match="expected points_per_batch >= 1"):
+    with pytest.raises(ValueError, match="expected points_per_batch an integer >= 1"):
         SamAutomaticMaskGenerator(tiny_sam, points_per_batch=0)
     gen = SamAutomaticMaskGenerator(tiny_sam, points_per_side=2)
     with pytest.raises(ValueError, match="expected a 2D image"):

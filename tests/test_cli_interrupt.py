@@ -73,8 +73,6 @@ def test_ctrl_c_while_loading_the_model(tmp_path, tmp_path_factory):
     assert not (tmp_path / "o.tif").exists()
 
 
-@pytest.mark.xfail(strict=False, reason="Ctrl-C while `import napari_sam` runs (torch, ~3 s) "
-                   "happens before main: needs napari_sam/__init__.py to import lazily")
 def test_ctrl_c_right_after_start(tmp_path):
     proc = subprocess.Popen([str(NAPARI_SAM), "everything", tmp_path / "img.npy", "-o",
                              tmp_path / "o.tif"], stdout=subprocess.PIPE,

@@ -91,14 +91,6 @@ def test_small_helpers():
     assert corners.tolist() == [[4, 1, 2], [4, 1, 6], [4, 3, 6], [4, 3, 2]]
 
 
-def test_mask_to_logits_matches_the_low_res_grid():
-    mask = np.zeros((100, 200), bool)
-    mask[20:80, 50:150] = True
-    logits = g.mask_to_logits(mask, (256, 256))
-    assert logits.shape == (1, 256, 256) and logits.dtype == np.float32
-    assert logits[0, 64, 128] > 5 and logits[0, 5, 5] < -5 and logits[0, 200, 128] < -5  # padding
-
-
 def test_prompts_are_read_through_world_coordinates(stack):
     viewer = ViewerModel()
     viewer.add_layer(stack)

@@ -13,20 +13,32 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
 
-from .engine import EmbeddingStore, ImageEmbedding, SamPredictor, build_sam, interpolate, propagate
-from .engine.automatic import SamAutomaticMaskGenerator
-from .model.checkpoint import CheckpointError
-from .engine.weights import CheckpointDownloadError
+# Imported on first use (PEP 562): ``napari-sam --help`` and Ctrl-C during start-up must not
+# wait for torch; ``from napari_sam import build_sam`` works as usual.
+_LAZY = {
+    "CheckpointDownloadError": ".engine.weights",
+    "CheckpointError": ".model.checkpoint",
+    "EmbeddingStore": ".engine",
+    "ImageEmbedding": ".engine",
+    "SamAutomaticMaskGenerator": ".engine.automatic",
+    "SamPredictor": ".engine",
+    "build_sam": ".engine",
+    "interpolate": ".engine",
+    "propagate": ".engine",
+}
 
-__all__ = [
-    "CheckpointDownloadError",
-    "CheckpointError",
-    "EmbeddingStore",
-    "ImageEmbedding",
-    "SamAutomaticMaskGenerator",
-    "SamPredictor",
-    "__version__",
-    "build_sam",
-    "interpolate",
-    "propagate",
-]
+__all__ = sorted([*_LAZY, "__version__"])
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from importlib import import_module
+
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

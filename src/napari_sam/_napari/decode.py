@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .geometry import SlicePlane, mask_to_logits, rc_to_xy
+from ..engine import mask_to_logits
+from .geometry import SlicePlane, rc_to_xy
 
 
 @dataclass
@@ -108,7 +109,7 @@ def decode_objects(
     if len(boxes_xyxy):
         boxes = torch.as_tensor(predictor.transform.apply_boxes(boxes_xyxy, size), dtype=torch.float)
     if refine_mask_hw is not None and n_obj == 1:
-        logits = mask_to_logits(refine_mask_hw, predictor.low_res_size)  # (1, h, w)
+        logits = mask_to_logits(refine_mask_hw, predictor)  # (1, h, w), as propagation makes them
         mask_input = torch.as_tensor(logits)[None]  # (1, 1, h, w)
     if multimask == "auto":
         multimask = len(points_xy) == 1 and len(boxes_xyxy) == 0 and mask_input is None

@@ -14,9 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image as PILImage
 
-from ..engine.image import resized_shape
 
 
 class PlaneError(ValueError):
@@ -205,21 +203,3 @@ def mask_indices(mask_hw: np.ndarray, plane: SlicePlane) -> tuple[np.ndarray, ..
         else:
             out.append(np.full(rows.shape, i, dtype=np.intp))
     return tuple(out)
-
-
-def mask_to_logits(mask_hw: np.ndarray, low_res_hw: tuple[int, int]) -> np.ndarray:
-    """(H, W) bool -> (1, h, w) float32 logits usable as SAM's ``mask_input``.
-
-    The mask is resized like the image (longest side to the low-res grid, S/4 = 256
-    for SAM), padded at the bottom/right, and mapped to logits ±6.9 (inverse sigmoid of a
-    clipped probability), as SAM's own low-res outputs look.
-    """
-    lh, lw = low_res_hw
-    h, w = resized_shape(mask_hw.shape[0], mask_hw.shape[1], max(lh, lw))
-    img = PILImage.fromarray(np.asarray(mask_hw, dtype=np.float32), mode="F")
-    prob = np.asarray(img.resize((w, h), PILImage.BILINEAR), dtype=np.float32)
-    padded = np.zeros((lh, lw), dtype=np.float32)
-    padded[:h, :w] = prob
-    eps = 1e-3
-    p = np.clip(padded, eps, 1 - eps)
-    return np.log(p / (1 - p))[None].astype(np.float32)

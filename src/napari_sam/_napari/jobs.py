@@ -160,6 +160,7 @@ class JobRunner:
     def _finish(self, job, outcome: _Outcome, on_done, on_cancel, on_error, is_current) -> None:
         if self._closed:
             return
+        self._release(job)  # before the callbacks: they may start the next job
         if outcome.error is not None:
             message = f"{job.desc} failed: {outcome.error}"
             self._report(message)

@@ -316,6 +316,8 @@ class InteractiveSegmenter:
             ranked = " / ".join(f"{v:.2f}" for v in prediction.iou[0][prediction.order[0]])
             msg = (f"candidate {self.rank % prediction.num_candidates + 1}/{prediction.num_candidates}"
                    f" (predicted IoUs {ranked}; K cycles): {msg}")
+        if self.refine_id is not None:  # say it on every update: the user must know
+            msg = f"refining label {self.refine_id} (commit replaces it): {msg}"
         self.report(msg)
 
     def _ensure_preview(self, plane: SlicePlane):

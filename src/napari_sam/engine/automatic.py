@@ -22,6 +22,8 @@ keep working) and returns the same masks. What differs is how the work is done:
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -39,7 +41,7 @@ from .amg_utils import (
     nms,
     stability_score,
 )
-from .image import to_rgb_uint8
+from .image import resized_shape, to_rgb_uint8
 from .label_image import link_slices, masks_to_label_image
 from .mask_set import OUTPUT_MODES, CompactMask, MaskSet, postprocess_small_regions, require_pycocotools
 from .predictor import ImageEmbedding, SamPredictor
@@ -104,32 +106,28 @@ class SamAutomaticMaskGenerator:
         upsample_budget: int = 2**25,
         decode_chunk: int | None = None,
     ) -> None:
-        if (points_per_side is None) == (point_grids is None):
-            raise ValueError(
-                "expected exactly one of points_per_side or point_grids, got "
-                f"points_per_side={points_per_side!r} and point_grids={'None' if point_grids is None else 'a list'}"
-            )
-        if crop_n_layers < 0 or crop_n_points_downscale_factor < 1:
-            raise ValueError(
-                "expected crop_n_layers >= 0 and crop_n_points_downscale_factor >= 1, got "
-                f"{crop_n_layers} and {crop_n_points_downscale_factor}"
-            )
+        _check_parameters(
+            points_per_side=points_per_side,
+            points_per_batch=points_per_batch,
+            pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh,
+            stability_score_offset=stability_score_offset,
+            box_nms_thresh=box_nms_thresh,
+            crop_n_layers=crop_n_layers,
+            crop_nms_thresh=crop_nms_thresh,
+            crop_overlap_ratio=crop_overlap_ratio,
+            crop_n_points_downscale_factor=crop_n_points_downscale_factor,
+            point_grids=point_grids,
+            min_mask_region_area=min_mask_region_area,
+            output_mode=output_mode,
+            upsample_budget=upsample_budget,
+            decode_chunk=decode_chunk,
+        )
         if points_per_side is not None:
-            if points_per_side < 1:
-                raise ValueError(f"expected points_per_side >= 1, got {points_per_side}")
             point_grids = build_all_layer_point_grids(
                 points_per_side, crop_n_layers, crop_n_points_downscale_factor
             )
-        point_grids = [np.asarray(g, dtype=np.float64) for g in point_grids]
-        if len(point_grids) < crop_n_layers + 1 or any(g.ndim != 2 or g.shape[1] != 2 for g in point_grids):
-            raise ValueError(
-                f"expected {crop_n_layers + 1} point grids of shape (N, 2) in [0, 1], got "
-                f"{[g.shape for g in point_grids]}"
-            )
-        if points_per_batch < 1:
-            raise ValueError(f"expected points_per_batch >= 1, got {points_per_batch}")
-        if output_mode not in OUTPUT_MODES:
-            raise ValueError(f"expected output_mode in {OUTPUT_MODES}, got {output_mode!r}")
+        point_grids = _checked_point_grids(point_grids, crop_n_layers)
         if output_mode == "coco_rle":
             require_pycocotools()
         self.predictor = SamPredictor(model)
@@ -143,13 +141,11 @@ class SamAutomaticMaskGenerator:
         self.crop_nms_thresh = float(crop_nms_thresh)
         self.crop_overlap_ratio = float(crop_overlap_ratio)
         self.crop_n_points_downscale_factor = int(crop_n_points_downscale_factor)
-        self.min_mask_region_area = int(min_mask_region_area)
+        self.min_mask_region_area = math.ceil(min_mask_region_area)  # areas are integers
         self.output_mode = output_mode
         self.upsample_budget = int(upsample_budget)
         if decode_chunk is None:
             decode_chunk = 4 if self.predictor.device.type == "cpu" else self.points_per_batch
-        if decode_chunk < 1:
-            raise ValueError(f"expected decode_chunk >= 1, got {decode_chunk}")
         self.decode_chunk = int(decode_chunk)
 
     # ------------------------------------------------------------------ public API
@@ -185,7 +181,7 @@ class SamAutomaticMaskGenerator:
                 f"expected an embedding of an image of size {orig_size}, "
                 f"got one of size {tuple(embedding.original_size)}"
             )
-        crop_boxes, layer_idxs = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
+        crop_boxes, layer_idxs = self._crop_boxes(orig_size)
         batches = [-(-len(self.point_grids[i]) // self.points_per_batch) for i in layer_idxs]
         total = sum(batches) + len(crop_boxes) - (embedding is not None)
         done, parts = 0, []
@@ -209,6 +205,21 @@ class SamAutomaticMaskGenerator:
         return data
 
     # ------------------------------------------------------------------ internals
+    def _crop_boxes(self, image_size: tuple[int, int]) -> tuple[list[list[int]], list[int]]:
+        """The reference's crop boxes (layer 0: the whole image), less the crops of layers >= 1
+        that a small image leaves empty ([x0, y0, x1, y1] with x1 <= x0 or y1 <= y0) or too
+        thin to resize to the model's input. The reference fails on those ("non-empty image");
+        where it works, nothing is dropped."""
+        boxes, layers = generate_crop_boxes(image_size, self.crop_n_layers, self.crop_overlap_ratio)
+        long_side = self.predictor.transform.target_length
+        kept = [
+            (box, layer)
+            for box, layer in zip(boxes, layers)
+            if layer == 0  # the whole image: if unusable, the predictor says why
+            or (box[2] > box[0] and box[3] > box[1] and min(resized_shape(box[3] - box[1], box[2] - box[0], long_side)) >= 1)
+        ]
+        return [b for b, _ in kept], [layer for _, layer in kept]
+
     def _process_crop(
         self, rgb: np.ndarray, crop_box: list[int], layer_idx: int, embedding: ImageEmbedding | None
     ) -> Generator[str, None, MaskSet]:
@@ -304,6 +315,92 @@ class SamAutomaticMaskGenerator:
             points=points_xy[kept // n_masks],
             crop_boxes=np.zeros((len(kept), 4), np.int64),
         )
+
+
+# Layer i of crops adds 4**i crops, each encoded like a whole image: 3 layers already encode
+# 1 + 4 + 16 + 64 = 85 images (minutes with vit_h on a CPU); 5 would encode 1365.
+MAX_CROP_LAYERS = 3
+
+
+def _check_parameters(**p) -> None:
+    """ValueError(f"expected …, got …") for the first invalid generator parameter."""
+    if (p["points_per_side"] is None) == (p["point_grids"] is None):
+        raise ValueError(
+            "expected exactly one of points_per_side or point_grids, got "
+            f"points_per_side={p['points_per_side']!r} and "
+            f"point_grids={'None' if p['point_grids'] is None else 'a list'}"
+        )
+    n_layers = p["crop_n_layers"]
+    if not _is_int(n_layers) or not 0 <= n_layers <= MAX_CROP_LAYERS:
+        images = (
+            f" ({sum(4**i for i in range(n_layers + 1))} encoded images)" if _is_int(n_layers) and n_layers > 0 else ""
+        )
+        raise ValueError(
+            f"expected crop_n_layers an integer in [0, {MAX_CROP_LAYERS}], got {n_layers!r}{images}: "
+            "crop layer i adds 4**i crops, each encoded like a whole image, so "
+            f"{MAX_CROP_LAYERS} layers already encode {sum(4**i for i in range(MAX_CROP_LAYERS + 1))} "
+            "images (minutes to hours on a CPU); for small objects prefer more points per side"
+        )
+    for name, low in (("points_per_batch", 1), ("crop_n_points_downscale_factor", 1), ("upsample_budget", 1)):
+        if not _is_int(p[name]) or p[name] < low:
+            raise ValueError(f"expected {name} an integer >= {low}, got {p[name]!r}")
+    if p["decode_chunk"] is not None and (not _is_int(p["decode_chunk"]) or p["decode_chunk"] < 1):
+        raise ValueError(f"expected decode_chunk None or an integer >= 1, got {p['decode_chunk']!r}")
+    side = p["points_per_side"]
+    if side is not None:
+        if not _is_int(side) or side < 1:
+            raise ValueError(f"expected points_per_side an integer >= 1, got {side!r}")
+        factor = p["crop_n_points_downscale_factor"]
+        if side // factor**n_layers < 1:
+            raise ValueError(
+                f"expected at least 1 point per side in every crop layer, got points_per_side={side} "
+                f"with crop_n_points_downscale_factor={factor} and crop_n_layers={n_layers}: layer "
+                f"{n_layers} would have int({side} / {factor}**{n_layers}) = 0 points per side"
+            )
+    ranges = (  # name, low, high, high included, what it means
+        ("pred_iou_thresh", 0, 1, True, "masks whose predicted IoU is not above it are dropped; 0 keeps all"),
+        ("stability_score_thresh", 0, 1, True, "masks less stable than it are dropped; 0 keeps all"),
+        ("box_nms_thresh", 0, 1, True, "box IoU above which the weaker of two masks is dropped; 1 keeps all"),
+        ("crop_nms_thresh", 0, 1, True, "the same between crops"),
+        ("crop_overlap_ratio", 0, 1, False, "fraction of the crop size by which crops overlap"),
+        ("stability_score_offset", 0, math.inf, False, "the logit offset of the stability score"),
+        ("min_mask_region_area", 0, math.inf, False, "holes and islands smaller than it (pixels) are removed; 0: none"),
+    )
+    for name, low, high, closed, meaning in ranges:
+        value = p[name]
+        ok = _is_real(value) and math.isfinite(value) and low <= value and (value <= high if closed else value < high)
+        if not ok:
+            interval = f"[{low}, {high}]" if closed else (f"[{low}, {high})" if math.isfinite(high) else f">= {low}")
+            where = f"in {interval}" if interval[0] == "[" else interval
+            raise ValueError(f"expected {name} a finite number {where} ({meaning}), got {value!r}")
+    if p["output_mode"] not in OUTPUT_MODES:
+        raise ValueError(f"expected output_mode in {OUTPUT_MODES}, got {p['output_mode']!r}")
+
+
+def _checked_point_grids(point_grids, crop_n_layers: int) -> list[np.ndarray]:
+    """One (N, 2) grid of (x, y) in [0, 1] per crop layer, as float64 arrays."""
+    try:
+        grids = [np.asarray(g, dtype=np.float64) for g in point_grids]
+    except (TypeError, ValueError):
+        raise ValueError(f"expected point_grids a list of (N, 2) arrays of numbers, got {point_grids!r}") from None
+    if len(grids) < crop_n_layers + 1 or any(
+        g.ndim != 2 or g.shape[1] != 2 or len(g) == 0 or not np.isfinite(g).all() or g.min() < 0 or g.max() > 1
+        for g in grids
+    ):
+        raise ValueError(
+            f"expected {crop_n_layers + 1} point grids of shape (N, 2), N >= 1, in [0, 1], got "
+            f"{[g.shape for g in grids]} with values in "
+            f"{[(float(g.min()), float(g.max())) if g.size else None for g in grids]}"
+        )
+    return grids
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def segment_stack(
