@@ -318,3 +318,49 @@ def test_add_point_refuses_nan(viewer, make_widget):
     assert "finite" in widget.status
     assert len(viewer.layers["SAM points"].data) == 0
     assert not widget.add_box((np.nan, 0), (10, 10)) and "finite" in widget.status
+
+
+def test_workers_never_read_layer_state(viewer, make_widget, monkeypatch):
+    """Contrast limits (GUI state) are read on the GUI thread when a job starts, never
+    by the worker: propagation and segment-everything through their workers."""
+    import threading
+
+    from napari.layers import Image
+
+    readers = []
+    original = Image.contrast_limits
+
+    def recording(layer):
+        readers.append(threading.current_thread() is threading.main_thread())
+        return original.fget(layer)
+
+    monkeypatch.setattr(Image, "contrast_limits", property(recording, original.fset))
+    vol, _ = ellipsoid()
+    layer = viewer.add_image(vol.astype(np.uint16) * 10, name="stack")  # not uint8: limits matter
+    widget = make_widget(OracleSam(image_size=256))
+    prompt_middle(viewer, widget, layer)
+    readers.clear()
+    assert widget.propagate(wait=False) is not None and widget.volume.wait(60)
+    assert "label 1" in widget.status
+    everything = dock(viewer, "Segment Everything")
+    everything.set_params(points_per_side=4)
+    everything.set_image_layer(layer)
+    assert everything.run(scope="stack") is not None and everything.wait(120)
+    assert "objects written" in everything.status
+    assert readers and all(readers), "a worker thread read layer.contrast_limits"
+
+
+def test_closing_a_viewer_right_after_opening_a_store(qapp, tmp_path):
+    import napari
+
+    vol, _ = ellipsoid()
+    other = napari.Viewer(show=False)
+    try:
+        layer = other.add_image(vol, name="stack")
+        widget = dock(other, "Segment Anything")
+        widget.set_model(SlowOracle(image_size=256))
+        widget.set_image_layer(layer)
+        assert widget.open_store(tmp_path / "s.zarr", wait=False) is not None
+    finally:
+        other.close()  # joins the job: no "cannot schedule new futures" later
+    assert not widget.volume.running
