@@ -77,6 +77,10 @@ class SamAutomaticMaskGenerator:
     "coco_rle" needs pycocotools. ``model`` is a :class:`~napari_sam.model.Sam` (or any
     model with the engine interface).
 
+    Every parameter is checked here, before any work (``ValueError(f"expected …, got …")``):
+    thresholds finite and in [0, 1], ``crop_overlap_ratio`` in [0, 1), ``crop_n_layers`` at
+    most :data:`MAX_CROP_LAYERS`. Crops that a small image leaves empty are skipped.
+
     Keyword-only:
         upsample_budget: at most this many float32 values of full-resolution logits are
             held at once (masks are upsampled in chunks of that size).
