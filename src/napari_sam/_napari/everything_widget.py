@@ -35,7 +35,6 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -45,8 +44,9 @@ from .geometry import PlaneError, base_data, current_plane, plane_pixels
 from .jobs import JobRunner
 from .labels_io import LabelsWriteError, new_labels_layer, write_objects
 from .lifetime import on_close
-from .prompt_layers import refill_layer_combos
+from .prompt_layers import preferred_image, refill_layer_combos
 from .session import SamSession, SliceEmbeddings, contrast_limits_of, real_viewer, session_for
+from .ui import fit_narrow_docks, scrolled_body
 
 NEW_LABELS = "new layer: SAM everything"
 SCOPES = (("slice", "current slice"), ("stack", "whole stack (z or t), linked"))
@@ -104,7 +104,7 @@ class SegmentEverythingWidget(QWidget):
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
-        layout = QVBoxLayout(self)
+        layout, footer = scrolled_body(self)
         self._model_label = QLabel()
         self._model_label.setWordWrap(True)
         layout.addWidget(self._model_label)
@@ -114,6 +114,13 @@ class SegmentEverythingWidget(QWidget):
         for value, text in SCOPES:
             self._scope.addItem(text, value)
         self._overwrite = QCheckBox("overwrite existing labels")
+        self._image_combo.setToolTip("the image layer to segment")
+        self._labels_combo.setToolTip("where the objects go: a new layer, or any Labels layer "
+                                      "(objects land where napari shows them)")
+        self._scope.setToolTip("the slice on display, or every slice of the stack with objects "
+                               "linked through z (or t)")
+        self._overwrite.setToolTip("let new objects paint over existing labels (off: they only fill "
+                                   "unlabelled pixels)")
         data.addRow("Image", self._image_combo)
         data.addRow("Labels", self._labels_combo)
         data.addRow("Scope", self._scope)
@@ -139,6 +146,8 @@ class SegmentEverythingWidget(QWidget):
 
         row = QHBoxLayout()
         self._run_button, self._cancel_button = QPushButton("Run"), QPushButton("Cancel")
+        self._run_button.setToolTip("segment everything in the background (progress below)")
+        self._cancel_button.setToolTip("stop; no label changes")
         self._run_button.clicked.connect(lambda: self.run(wait=False))
         self._cancel_button.clicked.connect(self.cancel)
         self._cancel_button.setEnabled(False)
@@ -148,12 +157,16 @@ class SegmentEverythingWidget(QWidget):
         self._progress = QProgressBar()
         self._status = QLabel("")
         self._status.setWordWrap(True)
-        layout.addWidget(self._progress)
-        layout.addWidget(self._status)
         layout.addStretch(1)
+        footer.addWidget(self._progress)
+        footer.addWidget(self._status)
+        fit_narrow_docks(self)
 
     def _refresh_layers(self, event=None) -> None:
+        had_image = self._image_combo.currentData() is not None
         refill_layer_combos(self.viewer, self._image_combo, self._labels_combo, NEW_LABELS)
+        if not had_image and (image := preferred_image(self.viewer)) is not None:
+            self._image_combo.setCurrentIndex(self._image_combo.findData(image))
 
     def _show_model(self, model=None) -> None:
         if model is None:
@@ -289,12 +302,15 @@ class SegmentEverythingWidget(QWidget):
         layer's maximum, onto free pixels unless overwriting, one undo step or nothing."""
         planes, stack = result
         labels = target["labels"]
-        if labels is None or labels not in self.viewer.layers:
+        created = labels is None or labels not in self.viewer.layers
+        if created:
             labels = new_labels_layer(self.viewer, target["image"], "SAM everything")
         try:
             written = write_objects(labels, target["image"], planes, stack, world_point=target["world_point"],
                                     overwrite=target["overwrite"])
         except LabelsWriteError as exc:
+            if created:  # leave no empty layer behind
+                self.viewer.layers.remove(labels)
             self._report(f"nothing written: {exc}")
             return None
         covered = f" ({written.covered} more lay entirely on existing labels)" if written.covered else ""

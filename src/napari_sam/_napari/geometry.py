@@ -51,6 +51,12 @@ class SlicePlane:
         return ", ".join(hidden) if hidden else "2D image"
 
 
+def nearest(x):
+    """The pixel whose centre is nearest: floor(x + 0.5) (halves go up, as napari's
+    slider does; np.round's ties-to-even would split halves between pixels)."""
+    return np.floor(np.asarray(x, dtype=float) + 0.5)
+
+
 def base_data(layer):
     """The full-resolution data array of a layer (level 0 of a multiscale layer)."""
     return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
@@ -91,7 +97,7 @@ def current_plane(dims, layer) -> SlicePlane:
         if axis in axes_rc:
             index.append(-1)
             continue
-        i = int(np.round(point[axis]))
+        i = int(nearest(point[axis]))
         if not 0 <= i < shape[axis]:
             raise PlaneError(
                 f"layer '{layer.name}' has no data at this slider position (axis {axis})"
@@ -156,7 +162,7 @@ def on_plane(coords_data: np.ndarray, plane: SlicePlane) -> np.ndarray:
     keep = np.ones(len(coords), dtype=bool)
     for axis, i in enumerate(plane.index):
         if axis not in plane.axes_rc:
-            keep &= np.round(coords[:, axis]) == i
+            keep &= nearest(coords[:, axis]) == i
     return keep
 
 

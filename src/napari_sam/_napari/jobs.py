@@ -63,7 +63,7 @@ def _iterate(gen: Generator, cancel: threading.Event, ended: threading.Event):
             try:
                 item = next(gen)
             except StopIteration as stop:
-                if cancel.is_set() and stop.value is None:
+                if cancel.is_set():  # cancelled at the last step: still nothing is applied
                     return _Outcome(cancelled=True)
                 return _Outcome(result=stop.value)
             yield item
@@ -160,7 +160,8 @@ class JobRunner:
     def _finish(self, job, outcome: _Outcome, on_done, on_cancel, on_error, is_current) -> None:
         if self._closed:
             return
-        self._release(job)  # before the callbacks: they may start the next job
+        if outcome.error is None and not outcome.cancelled:
+            self._release(job)  # before on_done: it may start the next job
         if outcome.error is not None:
             message = f"{job.desc} failed: {outcome.error}"
             self._report(message)
@@ -172,7 +173,10 @@ class JobRunner:
                 on_cancel()
             else:
                 self._report(f"{job.desc}: cancelled, nothing changed")
-        elif is_current is not None and not is_current():
+        self._release(job)  # after on_error / on_cancel: their state is set before "idle"
+        if outcome.error is not None or outcome.cancelled:
+            return
+        if is_current is not None and not is_current():
             self._report(f"{job.desc}: the image, layers or model changed meanwhile; result dropped")
         elif on_done is not None:
             try:
@@ -208,7 +212,7 @@ class JobRunner:
             time.sleep(0.005)
         return True
 
-    def shutdown(self, timeout: float = 10.0) -> bool:
+    def shutdown(self, timeout: float = 3.0) -> bool:
         """Cancel the job, wait for its thread to end, and never apply its result (the
         widget is going away). True when no thread is left running."""
         self._closed = True

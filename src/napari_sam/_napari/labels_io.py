@@ -19,12 +19,13 @@ Commit, refine, propagation and segment-everything all write through :func:`writ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import numpy as np
 from napari.layers import Labels
 
-from .geometry import SlicePlane, affine_between, base_data, is_identity, map_coords, spatial_shape
+from .geometry import SlicePlane, affine_between, base_data, is_identity, map_coords, nearest, spatial_shape
 from .prompt_layers import LABELS_ROLE, ROLE_KEY, copy_spatial, find_layer
 
 
@@ -49,6 +50,41 @@ class CommitResult:
     pixels: list[int]
     skipped: list[int]
     covered: int = 0
+    record: WriteRecord | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class WriteRecord:
+    """What one write changed, to take it back with :func:`undo_write` whatever layer is
+    active (napari's own Ctrl-Z works only on the selected Labels layer).
+
+    Attributes:
+        layer: weak reference to the Labels layer.
+        index: tuple of (N,) int arrays, the changed pixels.
+        before, after: (N,) their values before and after the write.
+    """
+
+    layer: weakref.ref
+    index: tuple
+    before: np.ndarray
+    after: np.ndarray
+
+
+def undo_write(record: WriteRecord) -> tuple[int, int]:
+    """Restore the pixels of ``record`` that still hold what the write put there, as one
+    undo step of the layer (Ctrl-Z there redoes the write). Pixels edited since are left
+    as they are. Returns (restored, left alone)."""
+    labels = record.layer()
+    if labels is None:
+        raise LabelsWriteError("the labels layer of that commit is gone")
+    data = base_data(labels)
+    current = np.asarray(data[record.index])
+    ours = current == record.after
+    if ours.any():
+        with labels.block_history():
+            labels.data_setitem(tuple(a[ours] for a in record.index), record.before[ours], refresh=False)
+        labels.refresh()
+    return int(ours.sum()), int((~ours).sum())
 
 
 def ensure_labels_layer(viewer, image, name: str = "SAM labels") -> Labels:
@@ -96,6 +132,10 @@ class PlaneTargets:
     Args:
         region_rc: (r0, r1, c0, c1) inclusive image-plane box to cover (default: all).
         world_point: world position for axes the image lacks (``viewer.dims.point``).
+
+    A target axis that the plane does not span (z of a stack) gets the one index the plane
+    falls in; the others are enumerated and each target pixel is kept when its centre maps
+    into the region (and, for oblique planes, within reach of the image slice).
     """
 
     MAX_PIXELS = 200_000_000  # refuse (instead of swapping) a target grid this large
@@ -111,6 +151,7 @@ class PlaneTargets:
             self.index = tuple(self.rc[:, 0] if a == plane.axes_rc[0] else self.rc[:, 1] if a == plane.axes_rc[1]
                                else np.full(len(self.rc), i, np.intp) for a, i in enumerate(plane.index))
             return
+        empty = tuple(np.zeros(0, np.intp) for _ in shape), np.zeros((0, 2), np.intp)
         # the region's corners (pixel edges) in target coordinates bound the candidates
         corners = np.array([[r, c] for r in (r0 - 0.5, r1 + 0.5) for c in (c0 - 0.5, c1 + 0.5)])
         q = map_coords(_plane_to_data(corners, plane), forward)  # (4, labels.ndim)
@@ -118,12 +159,12 @@ class PlaneTargets:
         ranges = []
         for axis in range(len(shape)):
             if np.abs(a_plane[axis]).max() < 1e-9:  # not spanned by the plane: one index
-                lo = hi = int(np.floor(q[0, axis] + 0.5))
+                lo = hi = int(nearest(q[0, axis]))
             else:
                 lo, hi = int(np.ceil(q[:, axis].min() - 1e-9)), int(np.floor(q[:, axis].max() + 1e-9))
             lo, hi = max(lo, 0), min(hi, shape[axis] - 1)
             if hi < lo:
-                self.index, self.rc = tuple(np.zeros(0, np.intp) for _ in shape), np.zeros((0, 2), np.intp)
+                self.index, self.rc = empty
                 return
             ranges.append(np.arange(lo, hi + 1))
         count = int(np.prod([len(r) for r in ranges], dtype=np.float64))
@@ -131,12 +172,14 @@ class PlaneTargets:
             raise LabelsWriteError(f"expected a target region of at most {self.MAX_PIXELS} pixels, got {count}: "
                                    "the labels layer is far finer than the image")
         grid = np.stack([g.ravel() for g in np.meshgrid(*ranges, indexing="ij")], axis=1)  # (N, labels.ndim)
-        p = map_coords(grid, affine_between(labels, image, world_point))  # image data coordinates
+        backward = affine_between(labels, image, world_point)
+        p = map_coords(grid, backward)  # image data coordinates of each target pixel centre
         keep = np.ones(len(grid), dtype=bool)
         for axis, i in enumerate(plane.index):
-            if axis not in plane.axes_rc:
-                keep &= np.floor(p[:, axis] + 0.5) == i
-        rc = np.floor(p[:, list(plane.axes_rc)] + 0.5).astype(np.intp)
+            if axis not in plane.axes_rc:  # oblique planes: within half a target pixel of the slice
+                reach = 0.5 + 0.5 * np.abs(backward[0][axis]).sum()
+                keep &= np.abs(p[:, axis] - i) <= reach + 1e-9
+        rc = nearest(p[:, list(plane.axes_rc)]).astype(np.intp)
         keep &= (rc[:, 0] >= r0) & (rc[:, 0] <= r1) & (rc[:, 1] >= c0) & (rc[:, 1] <= c1)
         self.rc = rc[keep]
         self.index = tuple(grid[keep, a] for a in range(grid.shape[1]))
@@ -161,7 +204,7 @@ def labels_on_plane(labels: Labels, image, plane: SlicePlane, world_point=None) 
     h, w = plane.shape_hw
     rr, cc = np.mgrid[:h, :w]
     rc = np.stack([rr.ravel(), cc.ravel()], axis=1)
-    coords = np.floor(map_coords(_plane_to_data(rc, plane), transform) + 0.5).astype(np.intp)
+    coords = nearest(map_coords(_plane_to_data(rc, plane), transform)).astype(np.intp)
     ok = np.all((coords >= 0) & (coords < np.array(shape)), axis=1)
     values = np.zeros(len(coords), dtype=data.dtype)
     values[ok] = np.asarray(data[tuple(coords[ok, a] for a in range(coords.shape[1]))])
@@ -179,7 +222,11 @@ def _check_target(labels) -> np.dtype:
     if getattr(labels, "multiscale", False):
         raise LabelsWriteError(f"expected a single-resolution Labels layer, got the multiscale '{labels.name}': "
                                "napari-sam would only change its full-resolution level")
-    dtype = np.dtype(base_data(labels).dtype)
+    data = base_data(labels)
+    if "dask" in type(data).__module__:
+        raise LabelsWriteError(f"expected writable labels, got a dask array in '{labels.name}': "
+                               "load it into memory (or use a new layer)")
+    dtype = np.dtype(data.dtype)
     if not np.issubdtype(dtype, np.integer):
         raise LabelsWriteError(f"expected integer labels, got {dtype} in '{labels.name}'")
     return dtype
@@ -202,7 +249,6 @@ def write_objects(
     overwrite: bool = False,
     fixed_ids: dict[int, int] | None = None,
     replace_id: int | None = None,
-    replace_planes: list[SlicePlane] | None = None,
 ) -> CommitResult:
     """Write objects given on image planes into ``labels`` as ONE undo step (or nothing).
 
@@ -214,9 +260,10 @@ def write_objects(
         overwrite: also paint over pixels of other labels.
         fixed_ids: object number -> label id to use (e.g. the refined label's own id);
             other objects get new ids from max + 1, in object-number order.
-        replace_id: refining: pixels of this label on ``replace_planes`` (default:
-            ``planes``) that the new object does not cover are cleared, and its pixels
-            may be painted over.
+        replace_id: refining: this label's pixels on ``planes`` that the new object does
+            not cover are cleared, and its pixels may be painted over.
+    Where several planes fall on the same target pixels (a Labels layer with coarser z),
+    a pixel gets the object of the last plane that has one there.
     Returns: what was written (:class:`CommitResult`).
     Raises:
         LabelsWriteError: nothing changed (dtype range, layer type, target axes…).
@@ -225,33 +272,27 @@ def write_objects(
     ids_hw = np.asarray(ids_hw)
     if ids_hw.ndim != 3 or len(ids_hw) != len(planes):
         raise LabelsWriteError(f"expected (P, H, W) object ids for {len(planes)} planes, got {ids_hw.shape}")
+    _check_stack_axes(labels, image, planes, world_point)
     data = base_data(labels)
     fixed_ids = dict(fixed_ids or {})
-    clear_planes = set(replace_planes or planes) if replace_id is not None else set()
-    idx_parts, local_parts, current_parts = [], [], []
-    for plane in list(planes) + [p for p in (replace_planes or []) if p not in planes]:
-        k = planes.index(plane) if plane in planes else None
-        local_hw = ids_hw[k] if k is not None else np.zeros(plane.shape_hw, np.int32)
+    idx_parts, local_parts = [], []
+    for plane, local_hw in zip(planes, ids_hw):
         if local_hw.shape != tuple(plane.shape_hw):
             raise LabelsWriteError(f"expected objects of shape {plane.shape_hw}, got {local_hw.shape}")
-        region = None if plane in clear_planes else _region(local_hw)
-        if region is None and plane not in clear_planes:
+        region = _region(local_hw)
+        if replace_id is not None:  # also where the old object lies on this plane
+            region = _union(region, _region(label_mask_on_plane(labels, image, plane, replace_id, world_point)))
+        if region is None:
             continue
         targets = PlaneTargets(labels, image, plane, world_point, region)
-        if not len(targets.rc):
-            continue
         idx_parts.append(targets.index)
         local_parts.append(local_hw[targets.rc[:, 0], targets.rc[:, 1]].astype(np.int64))
-        current_parts.append(np.asarray(data[targets.index]).astype(np.int64))
-    if not idx_parts:
+    if not idx_parts or not sum(len(part) for part in local_parts):
         return CommitResult([], [], [], int(len(np.unique(ids_hw[ids_hw > 0]))))
     index = tuple(np.concatenate(parts) for parts in zip(*idx_parts))
-    local, current = np.concatenate(local_parts), np.concatenate(current_parts)
-    flat = np.ravel_multi_index(index, spatial_shape(labels))
-    if len(np.unique(flat)) != len(flat):
-        raise LabelsWriteError(f"expected a Labels layer with the stack axis, got '{labels.name}' of shape "
-                               f"{spatial_shape(labels)}: several image slices fall on the same labels "
-                               "pixels; choose (or create) a labels layer shaped like the image")
+    local = np.concatenate(local_parts)
+    index, local = _last_object_per_pixel(index, local, spatial_shape(labels))
+    current = np.asarray(data[index]).astype(np.int64)
     free_pixel = (current == 0) | overwrite
     if replace_id is not None:
         free_pixel |= current == replace_id
@@ -282,14 +323,50 @@ def write_objects(
     write = allowed & np.isin(local, list(ids))
     new[write] = _map(local[write], ids)
     changed = new != current
+    record = None
     if changed.any():
+        where = tuple(a[changed] for a in index)
+        record = WriteRecord(weakref.ref(labels), where, current[changed].astype(dtype), new[changed].astype(dtype))
         with labels.block_history():
-            labels.data_setitem(tuple(a[changed] for a in index), new[changed].astype(dtype), refresh=False)
+            labels.data_setitem(where, record.after, refresh=False)
         labels.refresh()
     skipped = {int(o): int(c) for o, c in zip(*np.unique(local[(local > 0) & ~allowed], return_counts=True))}
     order = list(ids)
     return CommitResult([ids[o] for o in order], [counts[o] for o in order], [skipped.get(o, 0) for o in order],
-                        int(len(objects) - len(ids)))
+                        int(len(objects) - len(ids)), record)
+
+
+def _union(a, b):
+    """Union of two (r0, r1, c0, c1) boxes (None = empty)."""
+    if a is None or b is None:
+        return a if b is None else b
+    return min(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), max(a[3], b[3])
+
+
+def _last_object_per_pixel(index, local, shape):
+    """One entry per target pixel: where several planes fall on the same pixel, keep the
+    last plane's object there (an empty entry only when no plane has one)."""
+    flat = np.ravel_multi_index(index, shape)
+    order = np.lexsort((np.arange(len(flat)), local > 0, flat))  # by pixel, objects last
+    flat_sorted = flat[order]
+    last = np.r_[flat_sorted[1:] != flat_sorted[:-1], True]
+    keep = order[last]
+    return tuple(a[keep] for a in index), local[keep]
+
+
+def _check_stack_axes(labels, image, planes, world_point) -> None:
+    """Refuse planes at several positions of an image axis the labels layer lacks (a 2D
+    Labels layer cannot hold a 3D object: only one slice would be kept, silently)."""
+    if len(planes) < 2:
+        return
+    a = affine_between(image, labels, world_point)[0]
+    for axis in range(planes[0].ndim):
+        if axis in planes[0].axes_rc or np.abs(a[:, axis]).max() > 1e-9:
+            continue
+        if len({p.index[axis] for p in planes}) > 1:
+            raise LabelsWriteError(f"expected a Labels layer with the image's axis {axis}, got '{labels.name}' "
+                                   f"of shape {spatial_shape(labels)}: it cannot hold objects on several "
+                                   "slices; choose (or create) a Labels layer shaped like the image")
 
 
 def _map(values: np.ndarray, mapping: dict[int, int]) -> np.ndarray:

@@ -102,6 +102,30 @@ def ensure_boxes_layer(viewer, image) -> Shapes:
     return layer
 
 
+PREVIEW_COLORS = ("cyan", "magenta", "yellow", "#4d9dff", "#7dff4d", "#ff9d4d")
+
+
+def preview_colormap():
+    """Fixed, saturated colours for previewed objects (1 = cyan, 2 = magenta, …), so a
+    preview never looks like a committed label (napari's label colours are random)."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colors = {0: "transparent", None: PREVIEW_COLORS[0]}
+    colors.update({k: PREVIEW_COLORS[(k - 1) % len(PREVIEW_COLORS)] for k in range(1, 256)})
+    return DirectLabelColormap(color_dict=colors)
+
+
+def raise_prompt_layers(viewer) -> None:
+    """Keep napari-sam's preview, boxes and points layers on top of the layer list (in that
+    order, points topmost), so a newly added image never hides them."""
+    for role in (PREVIEW_ROLE, BOXES_ROLE, POINTS_ROLE):
+        layer = find_layer(viewer, role)
+        if layer is not None:
+            i = viewer.layers.index(layer)
+            if i != len(viewer.layers) - 1:
+                viewer.layers.move(i, len(viewer.layers))
+
+
 def ensure_preview_layer(viewer, image, plane: SlicePlane) -> Labels:
     """The preview Labels layer holding one plane (size 1 on hidden axes), placed on the
     image's slice ``plane`` — memory stays O(H x W) even for large stacks."""
@@ -115,7 +139,8 @@ def ensure_preview_layer(viewer, image, plane: SlicePlane) -> Labels:
         layer = Labels(
             np.zeros(shape, dtype=np.uint8),
             name="SAM preview",
-            opacity=0.55,
+            opacity=0.6,
+            colormap=preview_colormap(),
             metadata={ROLE_KEY: PREVIEW_ROLE},
         )
     elif layer.data.shape != shape:
@@ -253,3 +278,16 @@ def refill_layer_combos(viewer, image_combo, labels_combo, new_labels_text: str)
                 combo.addItem(layer.name, layer)
         index = combo.findData(current) if current is not None else -1
         combo.setCurrentIndex(max(index, 0))
+
+
+def preferred_image(viewer):
+    """The image layer a user most likely means: the selected one, else the topmost
+    visible one (the one on display), else the topmost; None without images."""
+    from napari.layers import Image
+
+    active = viewer.layers.selection.active
+    if isinstance(active, Image):
+        return active
+    images = [la for la in viewer.layers if isinstance(la, Image)]
+    visible = [la for la in images if la.visible]
+    return (visible or images or [None])[-1]

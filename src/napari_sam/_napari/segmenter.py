@@ -19,10 +19,14 @@ from .decode import Prediction, decode_objects
 from .encoding import SliceEncoder
 from .geometry import PlaneError, SlicePlane, current_plane
 from .labels_io import (CommitResult, LabelsWriteError, ensure_labels_layer, label_mask_on_plane,
-                        objects_to_ids, write_objects)
+                        objects_to_ids, undo_write, write_objects)
 from .prompt_input import add_box_prompt, add_point_prompt, world_position
 from .prompt_layers import (
+    BOXES_ROLE,
+    POINTS_ROLE,
     PREVIEW_ROLE,
+    has_role,
+    raise_prompt_layers,
     ensure_boxes_layer,
     ensure_points_layer,
     ensure_preview_layer,
@@ -64,6 +68,7 @@ class InteractiveSegmenter:
         self._positive = True
         self._muted = 0
         self.last_status = ""
+        self.history: list = []  # WriteRecords of this widget's writes, newest last
         self.encoder = SliceEncoder(session, self._shown, self.report, self._on_embedding_ready,
                                     lambda: self.auto_encode)
         dims = viewer.dims.events
@@ -72,6 +77,7 @@ class InteractiveSegmenter:
             (dims.ndisplay, self._on_view_changed),
             (dims.order, self._on_view_changed),
             (viewer.layers.events.removed, self._on_layer_removed),
+            (viewer.layers.events.inserted, self._on_layer_inserted),
             (session.model_changed, self._on_model_changed),
         ]
         for signal, slot in self._connections:
@@ -225,7 +231,21 @@ class InteractiveSegmenter:
         if layer is self.points_layer or layer is self.boxes_layer:
             self._disconnect_prompt_layers()
             self.points_layer = self.boxes_layer = None
+            if self.image_layer is not None:  # clicks need it: bring it back (after the
+                from qtpy.QtCore import QTimer  # removal, unless the image went too)
+
+                QTimer.singleShot(0, lambda name=layer.name: self._restore_prompt_layers(name))
         self.changed.emit()
+
+    def _restore_prompt_layers(self, removed_name: str) -> None:
+        if self._connections and self.image_layer is not None and self.image_layer in self.viewer.layers:
+            self._ensure_prompt_layers()
+            self.report(f"'{removed_name}' was removed: made a new one (choose no image to stop)")
+
+    def _on_layer_inserted(self, event) -> None:
+        if not has_role(event.value, POINTS_ROLE, BOXES_ROLE, PREVIEW_ROLE) and self.points_layer is not None:
+            with self._keep_active_layer():
+                raise_prompt_layers(self.viewer)  # a new image must not hide the prompts
 
     def _on_model_changed(self, model=None) -> None:
         self.encoder.reset()
@@ -372,15 +392,43 @@ class InteractiveSegmenter:
         except LabelsWriteError as exc:
             self.report(f"not committed: {exc}")
             return CommitResult([], [], [])
+        except Exception as exc:  # noqa: BLE001 - e.g. a storage backend refusing the write
+            self.report(f"not committed: {type(exc).__name__}: {exc}")
+            return CommitResult([], [], [])
         if not result.label_ids:
             self.report("nothing committed: the object lies entirely on existing labels "
                          "(tick 'overwrite existing labels' to paint over them); no id used")
             return result
         kept = f"; {sum(result.skipped)} px kept from existing labels" if sum(result.skipped) else ""
         covered = f"; {result.covered} object(s) entirely on existing labels, not written" if result.covered else ""
+        self.remember(result)
         self.clear(status=False)
         self.report(f"committed label(s) {result.label_ids} to '{labels.name}'{kept}{covered}")
         return result
+
+    def remember(self, result: CommitResult) -> None:
+        """Keep a write so that :meth:`undo_last_commit` can take it back."""
+        if result.record is not None:
+            self.history.append((list(result.label_ids), result.record))
+            del self.history[:-20]  # the last 20 writes
+
+    def undo_last_commit(self) -> bool:
+        """Take back this widget's last write (commit or propagation), whatever layer is
+        active: its pixels that nobody changed since get their old values (one undo step
+        of that Labels layer). True when something was restored."""
+        while self.history:
+            ids, record = self.history.pop()
+            layer = record.layer()
+            if layer is None or layer not in self.viewer.layers:
+                continue
+            restored, left = undo_write(record)
+            extra = f"; {left} px edited since were left as they are" if left else ""
+            self.report(f"undid label(s) {ids} in '{layer.name}' ({restored} px restored{extra})"
+                        if restored else f"label(s) {ids} were already changed since: nothing to undo")
+            self.changed.emit()
+            return restored > 0
+        self.report("nothing to undo: no commit of this widget is left")
+        return False
 
     def clear(self, status: bool = True) -> None:
         """Remove the prompts of the shown slice and the preview; stop refining."""

@@ -85,7 +85,8 @@ class SamSession:
     def load_model(self, model_type="vit_t", checkpoint=None, device=None, precision="auto"):
         """Build a model with :func:`~napari_sam.engine.build_sam` and make it current.
 
-        Blocking (download + load); the widget calls it in a worker thread.
+        Blocking (download + load): from the GUI, build in a worker (as the widget's Load
+        button does) and call :meth:`set_model` on the GUI thread.
         Args: as ``build_sam`` — model_type "vit_t" | "vit_b" | "vit_l" | "vit_h" (or a
         ``SamConfig``), checkpoint path (None = official file, downloaded once),
         device None/"auto" | "cpu" | "cuda" | "mps", precision "auto" | "fp32" | "bf16" | "fp16".
@@ -229,8 +230,10 @@ class SamSession:
         cached = self.cache.get(key)
         if cached is not None:
             return cached
-        stored = self._store_index(store, plane, key)
         predictor = self._predictor
+        if predictor is not None and _signature(predictor.model) != key.model_signature:
+            raise RuntimeError("the model changed while this job ran: start it again")
+        stored = self._store_index(store, plane, key)
         if predictor is None:
             raise RuntimeError("no model is loaded: call load_model() or set_model() first")
         if stored is not None:

@@ -190,7 +190,8 @@ class VolumePanel(QGroupBox):
         # everything the write needs, captured now on the GUI thread
         job = {"embeddings": embeddings, "image": seg.image_layer, "plane": seg.plane, "range": rng,
                "refine_id": seg.refine_id, "world_point": tuple(self.viewer.dims.point),
-               "overwrite": seg.overwrite, "model": self.session.model}
+               "overwrite": seg.overwrite, "model": self.session.model, "labels": seg.labels_layer,
+               "key": embeddings.key(start)}
         model = self.session.model
         self._report(f"propagating from slice {start}…")
         if wait:
@@ -205,7 +206,15 @@ class VolumePanel(QGroupBox):
             desc=f"SAM: propagating '{seg.image_layer.name}'", total=len(embeddings),
             on_yield=self._on_step, on_done=lambda result: self._on_propagated(job, result),
             on_cancel=lambda: self._report("propagation cancelled: no label changed"),
-            is_current=lambda: job["image"] in self.viewer.layers and self.session.model is job["model"])
+            is_current=lambda: self._still_current(job))
+
+    def _still_current(self, job) -> bool:
+        """The image (and its data), the model and the chosen labels layer are as they were
+        when the job started."""
+        layers = self.viewer.layers
+        return (job["image"] in layers and self.session.model is job["model"]
+                and (job["labels"] is None or job["labels"] in layers)
+                and self.session.key_for(job["image"], job["plane"]).source == job["key"].source)
 
     def _on_step(self, progress) -> None:
         self.runner.step(self._progress.value() + 1)
@@ -218,13 +227,12 @@ class VolumePanel(QGroupBox):
             return None
         embeddings, refine_id = job["embeddings"], job["refine_id"]
         planes = [embeddings.plane(i) for i in range(result.first, result.last + 1)]
-        lo, hi = job["range"] if job["range"] is not None else (0, len(embeddings) - 1)
-        labels = seg.target_labels()
+        labels = job["labels"] if job["labels"] is not None else seg.target_labels()
         written = write_objects(
             labels, job["image"], planes, result.masks.astype("int32"), world_point=job["world_point"],
             overwrite=job["overwrite"], fixed_ids={1: refine_id} if refine_id is not None else None,
-            replace_id=refine_id,
-            replace_planes=[embeddings.plane(i) for i in range(lo, hi + 1)] if refine_id is not None else None)
+            replace_id=refine_id)  # refining: the old object goes on the slices reached
+        seg.remember(written)
         if seg.plane == job["plane"]:
             seg.clear(status=False)
         if not written.label_ids:

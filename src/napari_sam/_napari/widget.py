@@ -37,9 +37,10 @@ from qtpy.QtWidgets import (
 from .jobs import JobRunner, as_generator
 from .labels_io import CommitResult
 from .lifetime import on_close
-from .prompt_layers import refill_layer_combos
+from .prompt_layers import preferred_image, refill_layer_combos
 from .segmenter import InteractiveSegmenter
 from .session import SamSession, real_viewer, session_for
+from .ui import fit_narrow_docks, scrolled_body, with_tip
 from .volume_panel import VolumePanel
 
 MODEL_CHOICES = (("vit_t", "vit_t — MobileSAM (fast on CPU)"), ("vit_b", "vit_b — SAM base"),
@@ -56,7 +57,8 @@ class SegmentAnythingWidget(QWidget):
             shared with the other napari-sam widgets of the viewer.
     """
 
-    KEYS = {"N": "toggle_polarity", "K": "next_candidate", "Shift-Enter": "commit", "Shift-X": "clear"}
+    KEYS = {"N": "toggle_polarity", "K": "next_candidate", "Shift-Enter": "commit", "Shift-X": "clear",
+            "Shift-Z": "undo_last_commit"}
 
     def __init__(self, napari_viewer, session: SamSession | None = None) -> None:
         super().__init__()
@@ -74,14 +76,14 @@ class SegmentAnythingWidget(QWidget):
             ev.connect(self._refresh_layer_choices)
         self._cleanup = _Cleanup(self.segmenter, self.viewer, self._bind_keys(),
                                  self._refresh_layer_choices, self._on_model_changed,
-                                 [self.loader, self.volume.runner])
+                                 [self.loader, self.volume.runner], self._disarm_pick)
         on_close(self, self._cleanup)
         self._refresh_layer_choices()
         self._on_model_changed(self.session.model)
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
-        layout = QVBoxLayout(self)
+        layout, footer = scrolled_body(self)
         model_box = QGroupBox("Model")
         form = QFormLayout(model_box)
         self._model_type = QComboBox()
@@ -100,6 +102,14 @@ class SegmentAnythingWidget(QWidget):
         self._load_button = QPushButton("Load model")
         self._load_button.clicked.connect(lambda: self.load_model(wait=False))
         self._model_label = QLabel("no model loaded")
+        with_tip(self._model_type, "which SAM: vit_t (MobileSAM) is fast on a CPU; vit_b/l/h are larger "
+                                   "and slower, vit_h is the most accurate")
+        with_tip(self._checkpoint, "a local checkpoint file (.pth/.pt); empty: the official weights, "
+                                   "downloaded once into the cache folder")
+        with_tip(browse, "choose a checkpoint file")
+        with_tip(self._device, "auto: CUDA, then Apple MPS, then the CPU")
+        with_tip(self._load_button, "load the model (in the background); shared by every napari-sam "
+                                    "widget of this viewer")
         form.addRow("Model", self._model_type)
         form.addRow("Checkpoint", row)
         form.addRow("Device", self._device)
@@ -119,6 +129,12 @@ class SegmentAnythingWidget(QWidget):
         self._cache.setValue(self.session.cache_size)
         self._cache.setSuffix(" slices")
         self._cache.valueChanged.connect(lambda v: setattr(self.session, "cache_size", int(v)))
+        with_tip(self._image_combo, "the image layer to segment (2D, 3D stacks, time series, RGB)")
+        with_tip(self._labels_combo, "where commits go; any Labels layer, whatever its scale or size: "
+                                     "objects land where napari shows them")
+        with_tip(self._overwrite, "let new objects paint over existing labels (off: existing labels are kept)")
+        with_tip(self._cache, "how many slice embeddings to keep in memory (about 4 MiB each): "
+                              "going back to a kept slice needs no encoding")
         form.addRow("Image", self._image_combo)
         form.addRow("Labels", self._labels_combo)
         form.addRow("", self._overwrite)
@@ -140,24 +156,33 @@ class SegmentAnythingWidget(QWidget):
         self._refine = QPushButton("Refine a label: click it")
         self._refine.setCheckable(True)
         self._refine.toggled.connect(self._arm_pick)
-        for a, b in ((self._polarity, self._candidate), (self._commit, self._clear)):
+        self._undo = QPushButton("Undo commit (Shift-Z)")
+        self._undo.clicked.connect(self.undo_last_commit)
+        with_tip(self._polarity, "new points mark the object (green) or the background (red)")
+        with_tip(self._candidate, "a single point gives three candidate masks: show the next one")
+        with_tip(self._commit, "write the previewed object(s) into the Labels layer (one undo step)")
+        with_tip(self._clear, "remove this slice's points, boxes and preview")
+        with_tip(self._refine, "then click an object of the Labels layer: new prompts correct it and "
+                               "commit replaces it")
+        with_tip(self._undo, "take back this widget's last commit or propagation, whatever layer is active")
+        for a, b in ((self._polarity, self._candidate), (self._commit, self._clear), (self._refine, self._undo)):
             row = QHBoxLayout()
             row.addWidget(a)
             row.addWidget(b)
             grid.addLayout(row)
-        grid.addWidget(self._refine)
         layout.addWidget(prompt_box)
         self.volume = VolumePanel(self.segmenter, self.session)  # propagation, embedding store
         layout.addWidget(self.volume)
-        self._status = QLabel("choose an image and load a model")
-        self._status.setWordWrap(True)
-        layout.addWidget(self._status)
         help_text = QLabel("Click points on the 'SAM points' layer, draw rectangles on 'SAM boxes'. "
                            "Several boxes give several objects. 3D stacks: prompt slice by slice in 2D view.")
         help_text.setWordWrap(True)
         help_text.setStyleSheet("color: gray;")
         layout.addWidget(help_text)
         layout.addStretch(1)
+        self._status = QLabel("choose an image and load a model")
+        self._status.setWordWrap(True)
+        footer.addWidget(self._status)
+        fit_narrow_docks(self)
 
     def _browse_checkpoint(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "SAM checkpoint", "", "Checkpoints (*.pth *.pt);;All files (*)")
@@ -169,7 +194,7 @@ class SegmentAnythingWidget(QWidget):
             event.value.events.name.connect(self._refresh_layer_choices)  # renames show up
         refill_layer_combos(self.viewer, self._image_combo, self._labels_combo, NEW_LABELS)
         if self.segmenter.image_layer is None and self._image_combo.count():
-            self.set_image_layer(self._image_combo.currentData())
+            self.set_image_layer(preferred_image(self.viewer))
         self._sync_combos()
 
     def _sync_combos(self) -> None:
@@ -216,6 +241,11 @@ class SegmentAnythingWidget(QWidget):
             callbacks.remove(self._pick)
             if self.segmenter.points_layer is not None:
                 self.segmenter.points_layer.mode = getattr(self, "_points_mode", "add")
+
+    def _disarm_pick(self) -> None:
+        callbacks = self.viewer.mouse_drag_callbacks
+        if self._pick in callbacks:
+            callbacks.remove(self._pick)
 
     def _pick(self, viewer, event) -> None:
         self.pick_label_at(event.position)
@@ -302,6 +332,11 @@ class SegmentAnythingWidget(QWidget):
         """Write the previewed object(s) to the labels layer (one undo step)."""
         return self.segmenter.commit()
 
+    def undo_last_commit(self) -> bool:
+        """Take back this widget's last commit or propagation, whatever layer is active
+        (pixels edited since are kept). True when something was restored."""
+        return self.segmenter.undo_last_commit()
+
     def clear(self) -> None:
         """Remove the shown slice's prompts and the preview."""
         self.segmenter.clear()
@@ -347,14 +382,15 @@ class SegmentAnythingWidget(QWidget):
 class _Cleanup:
     """Runs when the widget's Qt object is destroyed: unhook it from viewer and session."""
 
-    def __init__(self, segmenter, viewer, bindings, refresh, on_model, runners) -> None:
-        self.args = (segmenter, viewer, bindings, refresh, on_model, runners)
+    def __init__(self, segmenter, viewer, bindings, refresh, on_model, runners, disarm) -> None:
+        self.args = (segmenter, viewer, bindings, refresh, on_model, runners, disarm)
 
     def __call__(self, *_args) -> None:
         if self.args is None:
             return
-        segmenter, viewer, bindings, refresh, on_model, runners = self.args
+        segmenter, viewer, bindings, refresh, on_model, runners, disarm = self.args
         self.args = None
+        disarm()  # a pending "click a label to refine" must not outlive the widget
         for runner in runners:  # cancel and join: no result lands after the widget is gone
             runner.shutdown()
         segmenter.close()
