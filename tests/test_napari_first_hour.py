@@ -126,3 +126,39 @@ def test_progress_bar_and_status_are_never_stale(viewer, qtbot):
     label = int(viewer.layers["SAM labels"].data.max())
     assert widget.refine_label(label) and widget.add_point((48.0, 60.0))
     assert f"refining label {label}" in widget.status  # still said after the decode
+
+
+def test_offline_load_from_a_plain_script_does_not_kill_it(tmp_path):
+    """A script without ``napari.run()``: loading a model offline fails in the worker; the
+    failure reaches the status line, and the process lives on and exits normally."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent('''
+        import time
+        import napari
+        from qtpy.QtWidgets import QApplication
+        import napari_sam.engine
+
+        def offline(*args, **kwargs):
+            from napari_sam import CheckpointDownloadError
+            raise CheckpointDownloadError("no network: could not download vit_b")
+
+        napari_sam.engine.build_sam = offline
+        viewer = napari.Viewer(show=False)
+        _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
+        widget.load_model("vit_b", wait=False)
+        deadline = time.monotonic() + 20
+        while widget.loader.running and time.monotonic() < deadline:
+            QApplication.processEvents()
+            time.sleep(0.01)
+        print("STATUS:", widget.status)
+        viewer.close()
+    ''')
+    env = dict(os.environ, NAPARI_SAM_CACHE=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "STATUS: SAM: loading vit_b failed: no network" in done.stdout
+    assert "Traceback" not in done.stderr

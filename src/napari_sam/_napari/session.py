@@ -36,6 +36,7 @@ from psygnal import Signal
 
 from ..engine import EmbeddingCache, EmbeddingKey, ImageEmbedding, SamPredictor, build_sam
 from .geometry import SlicePlane, base_data, plane_pixels
+from .jobs import as_generator
 
 DEFAULT_CACHE_SIZE = 16  # 16 x 4 MiB for 1024-pixel models
 
@@ -188,12 +189,7 @@ class SamSession:
         key = self.key_for(layer, plane)
         data, store = base_data(layer), self.store_for(layer)
 
-        def job():
-            if False:  # pragma: no cover - a generator with no progress steps
-                yield
-            return key, self._cached_or_encoded(data, plane, key, store)
-
-        return key, job()
+        return key, as_generator(lambda: (key, self._cached_or_encoded(data, plane, key, store)))
 
     # ------------------------------------------------------------------ stores
     def attach_store(self, layer, store) -> None:

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from .automatic import run_to_end
 from .mask_prompt import mask_to_logits
 from .predictor import SamPredictor
 
@@ -163,12 +164,9 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_generator(gen: Generator):
-    """Exhaust a progress generator synchronously and return its result."""
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    """Exhaust a progress generator synchronously and return its result (the engine's one
+    driver, :func:`napari_sam.engine.automatic.run_to_end`, without a callback)."""
+    return run_to_end(gen)
 
 
 def box_prompt(mask: np.ndarray, margin: float) -> np.ndarray:
