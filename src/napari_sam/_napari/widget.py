@@ -2,18 +2,19 @@
 
 Everything it does is also a method, for scripts and notebooks (no clicks needed)::
 
-    widget = SegmentAnythingWidget(viewer)        # or: viewer.window.add_plugin_dock_widget(
-                                                  #        "napari-sam", "Segment Anything")[1]
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
     widget.load_model("vit_t")                    # or widget.set_model(build_sam(...))
     widget.set_image_layer(viewer.layers["cells"])
     widget.encode_current_slice(wait=True)        # blocking; the GUI uses a worker
     widget.add_point((120.0, 64.0))               # world (row, col) on the shown slice
     widget.add_box((10, 10), (60, 90))            # two opposite world corners
     result = widget.commit()                      # -> CommitResult(label_ids=[1, 2], ...)
-    viewer.layers["SAM labels"].undo()            # napari's own undo restores the labels
+    widget.undo_last_commit()                     # whatever layer is active
 
-Keys (viewer-wide while the widget lives): N toggles point polarity, K cycles the
-candidate masks, Shift-Enter commits, Shift-X clears the slice's prompts.
+Keys (viewer-wide while the widget is docked): N toggles point polarity, K cycles the
+candidate masks, Shift-Enter commits, Shift-X clears the slice's prompts, Shift-Z undoes
+the widget's last commit. Closing the widget cancels its jobs and unbinds its keys; the
+model stays in the viewer's session for the next widget.
 """
 
 from __future__ import annotations
