@@ -4,6 +4,10 @@ Scripting entry points::
 
     from napari_sam import build_sam, SamPredictor
     predictor = SamPredictor(build_sam("vit_t"))
+
+Code written for ``segment_anything`` runs with its imports changed (``sam_model_registry``,
+``SamPredictor``, ``SamAutomaticMaskGenerator``, ``napari_sam.utils.transforms``): see
+:mod:`napari_sam.compat` for what is covered.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -23,8 +27,13 @@ _LAZY = {
     "SamAutomaticMaskGenerator": ".engine.automatic",
     "SamPredictor": ".engine",
     "build_sam": ".engine",
+    "build_sam_vit_b": ".compat",
+    "build_sam_vit_h": ".compat",
+    "build_sam_vit_l": ".compat",
+    "build_sam_vit_t": ".compat",
     "interpolate": ".engine",
     "propagate": ".engine",
+    "sam_model_registry": ".compat",
 }
 
 __all__ = sorted([*_LAZY, "__version__"])

@@ -104,18 +104,45 @@ def require_resizable(image_hw: tuple[int, int], long_side: int) -> None:
 class ResizeLongestSide:
     """Resize images and map coordinates so the longest side is ``target_length``.
 
-    Same interface and results as ``segment_anything.utils.transforms.ResizeLongestSide``
-    (images are resized with PIL's bilinear filter, coordinates are (x, y)).
+    Same methods and results as ``segment_anything.utils.transforms.ResizeLongestSide``
+    (public as ``napari_sam.utils.transforms.ResizeLongestSide``): images are resized with
+    PIL's bilinear filter, coordinates are (x, y), sizes are (H, W).
     """
 
     def __init__(self, target_length: int) -> None:
         self.target_length = target_length
 
+    @staticmethod
+    def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
+        """(h, w) of an (oldh, oldw) image once its longest side is ``long_side_length``."""
+        return resized_shape(oldh, oldw, long_side_length)
+
     def apply_image(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 -> (h, w, 3) uint8 with max(h, w) == target_length."""
+        """(H, W, 3) uint8 -> (h, w, 3) uint8 with max(h, w) == target_length.
+
+        (H, W) and (H, W, 1) uint8 become (h, w), as in the reference.
+        """
+        image = np.asarray(image)
+        if image.ndim == 3 and image.shape[-1] == 1:
+            image = image[..., 0]
         require_resizable(image.shape[:2], self.target_length)
         h, w = resized_shape(image.shape[0], image.shape[1], self.target_length)
         return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+    def apply_image_torch(self, image):
+        """(B, C, H, W) float tensor -> resized with antialiased bilinear interpolation.
+
+        The output size is the reference's, which computes it from the *first two* sizes
+        of the tensor, ``get_preprocess_shape(B, C, target_length)``: a (1, 1, H, W) input
+        becomes (1, 1, S, S) whatever H and W (micro-sam's mask prompts rely on this). Kept
+        so that results equal the reference's; for an aspect-preserving resize of an
+        (B, C, H, W) tensor, call ``torch.nn.functional.interpolate`` with
+        ``get_preprocess_shape(H, W, S)``.
+        """
+        import torch.nn.functional as F
+
+        size = self.get_preprocess_shape(image.shape[0], image.shape[1], self.target_length)
+        return F.interpolate(image, size, mode="bilinear", align_corners=False, antialias=True)
 
     def _scale(self, original_size: tuple[int, int]) -> tuple[float, float]:
         old_h, old_w = original_size

@@ -1,8 +1,9 @@
 """``SamPredictor``: encode an image once, then decode prompts in milliseconds.
 
-Drop-in compatible with ``segment_anything.SamPredictor`` (same methods, arguments and
-return values), plus microscopy-friendly input handling and a separable embedding
-(:class:`ImageEmbedding`) for caches and on-disk stores.
+Drop-in compatible with ``segment_anything.SamPredictor`` (same methods, arguments,
+return values and public attributes, see :mod:`napari_sam.compat`), plus
+microscopy-friendly input handling and a separable embedding (:class:`ImageEmbedding`) for
+caches and on-disk stores.
 """
 
 from __future__ import annotations
@@ -43,12 +44,61 @@ class SamPredictor:
     Args:
         sam_model: a :class:`~napari_sam.model.Sam` (or any model with the same
             ``preprocess``/``encode``/``decode`` interface).
+
+    Public attributes, as the reference predictor's:
+        model, transform (:class:`~napari_sam.engine.image.ResizeLongestSide`), device;
+        features: (1, C, He, We) float32 embedding of the current image (a plain tensor,
+            not an inference tensor), None before an image is set;
+        original_size: (H, W) of the current image; input_size: (h, w) of its resized copy
+            inside the (S, S) model input; orig_h, orig_w, input_h, input_w: the same as
+            single numbers (None before an image is set);
+        is_image_set: bool.
+    Code may set ``features``, ``original_size``, ``input_size`` and ``is_image_set``
+    directly (precomputed embeddings, as micro-sam does): every assignment drops the
+    per-image decoder cache, which is also keyed on the ``features`` tensor it was built
+    from (and its in-place version), so ``predict`` always decodes the current features.
     """
 
     def __init__(self, sam_model) -> None:
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.image_size)
         self.reset_image()
+
+    # ------------------------------------------------------------------ current image
+    # Properties so that any assignment (set_embedding or client code) invalidates what
+    # was derived from the previous image.
+    @property
+    def features(self) -> torch.Tensor | None:
+        return self._features
+
+    @features.setter
+    def features(self, value: torch.Tensor | None) -> None:
+        self._features = value
+        self._image_changed()
+
+    @property
+    def original_size(self) -> tuple[int, int] | None:
+        return self._original_size
+
+    @original_size.setter
+    def original_size(self, value) -> None:
+        self._original_size = _as_size(value)
+        self.orig_h, self.orig_w = _height_width(self._original_size)
+        self._image_changed()
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        return self._input_size
+
+    @input_size.setter
+    def input_size(self, value) -> None:
+        self._input_size = _as_size(value)
+        self.input_h, self.input_w = _height_width(self._input_size)
+        self._image_changed()
+
+    def _image_changed(self) -> None:
+        self._embedding = None
+        self._image_side = None
 
     # ------------------------------------------------------------------ encoding
     def encode_image(
@@ -120,16 +170,26 @@ class SamPredictor:
                 f"expected an embedding made by {expected}, got one made by "
                 f"{embedding.model_signature}"
             )
-        self.features = embedding.features.to(self.device)
+        features = embedding.features.to(self.device)
+        if features.is_inference():  # clients may run autograd or in-place ops on it
+            with torch.inference_mode(False):
+                features = features.clone()
+        self.features = features
         self.original_size = embedding.original_size
         self.input_size = embedding.input_size
         self._embedding = embedding
-        self._image_side = None
         self.is_image_set = True
 
     def get_embedding(self) -> ImageEmbedding:
         """The current :class:`ImageEmbedding` (to cache or store it)."""
         self._require_image()
+        if self._embedding is None:  # features/sizes were assigned directly
+            self._embedding = ImageEmbedding(
+                features=self.features,
+                original_size=self.original_size,
+                input_size=self.input_size,
+                model_signature=_model_signature(self.model),
+            )
         return self._embedding
 
     def get_image_embedding(self) -> torch.Tensor:
@@ -138,12 +198,11 @@ class SamPredictor:
         return self.features
 
     def reset_image(self) -> None:
+        """Forget the current image (features, sizes and per-image caches)."""
         self.is_image_set = False
         self.features = None
-        self.original_size = None
-        self.input_size = None
-        self._embedding = None
-        self._image_side = None
+        self.original_size = None  # also orig_h, orig_w = None
+        self.input_size = None  # also input_h, input_w = None
 
     @property
     def device(self) -> torch.device:
@@ -271,15 +330,38 @@ class SamPredictor:
             boxes = sorted_.reshape(boxes.shape)
         cache = None
         if mask_input is None:
-            # prompt-independent decoder work, done once per image (and precision) and
-            # reused by every later call
-            precision = getattr(self.model, "decoder_dtype", None)
-            if self._image_side is None or self._image_side[0] != precision:
-                self._image_side = (precision, self.model.image_side_cache(self.features))
-            cache = self._image_side[1]
+            # prompt-independent decoder work, done once per image and reused by every
+            # later call; keyed on what it was computed from, so features replaced or
+            # modified in place by client code are never decoded against a stale cache
+            key = (getattr(self.model, "decoder_dtype", None), _tensor_version(self.features))
+            built = self._image_side
+            if built is None or built[0] is not self.features or built[1] != key:
+                built = (self.features, key, self.model.image_side_cache(self.features))
+                self._image_side = built
+            cache = built[2]
         return self.model.decode(
             self.features, point_coords, point_labels, boxes, mask_input, multimask_output, cache
         )
+
+
+def _as_size(value) -> tuple[int, int] | None:
+    """(H, W) as a tuple of Python ints (from a tuple, list, array or torch.Size), or None."""
+    if value is None:
+        return None
+    return tuple(int(v) for v in value)
+
+
+def _height_width(size: tuple[int, ...] | None) -> tuple[int | None, int | None]:
+    return (size[0], size[1]) if size is not None and len(size) >= 2 else (None, None)
+
+
+def _tensor_version(tensor) -> int | None:
+    """The in-place version counter of ``tensor`` (None for inference tensors, which have
+    none: they cannot be modified in place outside inference mode anyway)."""
+    try:
+        return tensor._version
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def _require_finite(values: np.ndarray, name: str) -> None:

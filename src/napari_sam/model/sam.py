@@ -20,8 +20,11 @@ class Sam(nn.Module):
     The engine talks to any model through this small interface (``image_size``,
     ``mask_threshold``, ``image_format``, ``preprocess``, ``encode``, ``decode``,
     ``image_side_cache``), which test doubles such as the oracle model also provide.
+    Calling the model (:meth:`forward`) is the reference's batched end-to-end prediction.
 
     ``encoder_dtype`` / ``decoder_dtype`` (None = float32) select autocast precision.
+    Outputs are ordinary tensors computed without gradients (``torch.no_grad``), as the
+    reference's: client code may modify them in place or use them in autograd later.
     """
 
     mask_threshold: float = 0.0
@@ -72,14 +75,14 @@ class Sam(nn.Module):
         h, w = x.shape[-2:]
         return F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
         """(B, 3, S, S) preprocessed input -> (B, C, S/16, S/16) float32 embeddings."""
         with self._autocast(self.encoder_dtype):
             features = self.image_encoder(x)
         return features.float()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def image_side_cache(self, features: Tensor) -> ImageSideCache:
         """Prompt-independent decoder work for one image's (1, C, He, We) features, valid
         for every prompt without a mask input."""
@@ -89,7 +92,7 @@ class Sam(nn.Module):
                 features + dense, self.prompt_encoder.get_dense_pe()
             )
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def decode(
         self,
         features: Tensor,
@@ -129,6 +132,50 @@ class Sam(nn.Module):
                 cache,
             )
         return masks.float(), iou.float()
+
+    @torch.no_grad()
+    def forward(self, batched_input: list[dict], multimask_output: bool) -> list[dict]:
+        """End-to-end prediction for a batch of images, as ``segment_anything``'s ``Sam``.
+
+        Args:
+            batched_input: one dict per image with
+                "image": (3, h, w) RGB tensor in [0, 255], already resized (longest side S,
+                    e.g. with ``ResizeLongestSide.apply_image``);
+                "original_size": (H, W) of the image before resizing;
+                optional prompts, in model-input pixels (``ResizeLongestSide``'s
+                ``apply_coords_torch`` / ``apply_boxes_torch``):
+                "point_coords": (B, N, 2) (x, y) with "point_labels": (B, N);
+                "boxes": (B, 4) xyxy; "mask_inputs": (B, 1, 4He, 4We) logits.
+            multimask_output: 3 candidate masks per prompt (True) or 1.
+        Returns:
+            one dict per image: "masks" (B, C, H, W) bool, "iou_predictions" (B, C) float32,
+            "low_res_logits" (B, C, 4He, 4We) float32; C = 3 or 1.
+        """
+        images = torch.stack([self.preprocess(r["image"]) for r in batched_input])  # (N, 3, S, S)
+        embeddings = self.encode(images)  # (N, C, He, We)
+        outputs = []
+        for record, features in zip(batched_input, embeddings):
+            low_res, iou = self.decode(
+                features[None],  # (1, C, He, We)
+                record.get("point_coords"),
+                record.get("point_labels") if "point_coords" in record else None,
+                record.get("boxes"),
+                record.get("mask_inputs"),
+                multimask_output,
+            )
+            masks = self.postprocess_masks(
+                low_res,
+                tuple(int(v) for v in record["image"].shape[-2:]),
+                tuple(int(v) for v in record["original_size"]),
+            )
+            outputs.append(
+                {
+                    "masks": masks > self.mask_threshold,
+                    "iou_predictions": iou,
+                    "low_res_logits": low_res,
+                }
+            )
+        return outputs
 
     def postprocess_masks(
         self, masks: Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
