@@ -1,19 +1,34 @@
 """Official checkpoints: where they live, how big they are, their sha256, and the cache.
 
-Files are fetched once with pooch (download to a temporary file in the cache folder,
-sha256 check, atomic rename — a half-written file never sits in the cache) and reused.
+Files are fetched once and reused. :func:`download_job` is the download as a generator
+(progress with size and speed, cancel within a second), for a napari worker or a test;
+:func:`fetch_checkpoint` drives it with a terminal progress bar. Either way the file is
+streamed into a temporary file in the cache folder, its sha256 checked, then renamed into
+place: a half-written or wrong file never sits where a later run would pick it up, and an
+earlier file at that path stays as it was until the new one is complete and correct.
 The cache folder is ``$NAPARI_SAM_CACHE`` if set, else the platform's user cache folder.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
+import queue
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 
 CACHE_ENV_VAR = "NAPARI_SAM_CACHE"
+PROGRESS_EVERY_S = 0.2  # a download yields progress at least this often (also while stalled)
+CANCEL_POLL_S = 0.1     # and looks at its cancel event at least this often
+STALL_TIMEOUT_S = 60.0  # no byte for this long (or no connection): the download fails
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,45 @@ class CheckpointDownloadError(RuntimeError):
     """The checkpoint could not be downloaded (offline, server error, bad hash…)."""
 
 
+@dataclass(frozen=True)
+class DownloadProgress:
+    """Where a checkpoint download stands (yielded by :func:`download_job`).
+
+    Attributes:
+        done_bytes: bytes received so far (>= 0, never decreasing within one job).
+        total_bytes: expected size in bytes (the server's Content-Length, else the
+            registry's size), > 0.
+        bytes_per_s: current speed, averaged over the last ~2 s (0.0 at the start and
+            while stalled).
+        model_type: which checkpoint ("vit_t", …).
+    """
+
+    done_bytes: int
+    total_bytes: int
+    bytes_per_s: float
+    model_type: str = ""
+
+    @property
+    def fraction(self) -> float:
+        """done / total in [0, 1]."""
+        return min(1.0, self.done_bytes / self.total_bytes) if self.total_bytes > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left at the current speed; None while the speed is unknown."""
+        if self.bytes_per_s <= 0:
+            return None
+        return max(0, self.total_bytes - self.done_bytes) / self.bytes_per_s
+
+    def describe(self) -> str:
+        """One line for a status bar, e.g. ``vit_t: 12.3 / 38.8 MiB, 4.1 MiB/s``."""
+        mib = 1 << 20
+        text = f"{self.done_bytes / mib:.1f} / {self.total_bytes / mib:.1f} MiB"
+        if self.bytes_per_s > 0:
+            text += f", {self.bytes_per_s / mib:.1f} MiB/s"
+        return f"{self.model_type}: {text}" if self.model_type else text
+
+
 def cache_dir() -> Path:
     """Folder holding downloaded checkpoints (created on demand)."""
     env = os.environ.get(CACHE_ENV_VAR)
@@ -106,54 +160,233 @@ def _stamp(path: Path) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _remember_fingerprint(path: Path, digest: str) -> None:
+    try:
+        stamp_file = _stamp_path(path)
+        stamp_file.parent.mkdir(parents=True, exist_ok=True)
+        stamp_file.write_text(json.dumps({**_stamp(path), "sha256": digest}))
+    except OSError:  # read-only folder: fine, we just hash again next time
+        pass
+
+
 def file_fingerprint(path: str | Path) -> str:
     """sha256 of ``path``, remembered in the cache folder (keyed by path, size and mtime) so
     that multi-GB checkpoints are hashed once, not on every start."""
     path = Path(path)
-    stamp_file = _stamp_path(path)
     stamp = _stamp(path)
     try:
-        saved = json.loads(stamp_file.read_text())
+        saved = json.loads(_stamp_path(path).read_text())
         if {k: saved.get(k) for k in stamp} == stamp and saved.get("sha256"):
             return saved["sha256"]
     except (OSError, ValueError):
         pass
     digest = sha256_of(path)
-    try:
-        stamp_file.parent.mkdir(parents=True, exist_ok=True)
-        stamp_file.write_text(json.dumps({**stamp, "sha256": digest}))
-    except OSError:  # read-only folder: fine, we just hash again next time
-        pass
+    _remember_fingerprint(path, digest)
     return digest
 
 
+def _download_error(info: CheckpointInfo, target: Path, reason: str) -> CheckpointDownloadError:
+    """One clear message: what failed, where to put the file by hand, the env var."""
+    return CheckpointDownloadError(
+        f"could not download the {info.model_type} checkpoint from {info.url} "
+        f"({reason}). Download it yourself and save it as "
+        f"{target} (or pass its path as `checkpoint=`); set ${CACHE_ENV_VAR} to use "
+        "another cache folder."
+    )
+
+
+class _Reader(threading.Thread):
+    """Opens ``url`` and puts ("open", length | None), ("data", bytes)…, then ("end", None)
+    or ("error", exception) into ``self.queue``. A thread, so that a blocking connect or
+    read (a stalled server) never delays the consumer's cancel; it stops at its next
+    chunk once ``stop`` is set (a daemon: a read stalled forever cannot keep Python alive)."""
+
+    def __init__(self, url: str, chunk_bytes: int, timeout_s: float) -> None:
+        super().__init__(name="napari-sam-download", daemon=True)
+        self.url, self.chunk_bytes, self.timeout_s = url, chunk_bytes, timeout_s
+        self.queue: queue.Queue = queue.Queue(maxsize=64)  # bounded: <= 64 chunks in memory
+        self.stop = threading.Event()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=CANCEL_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run(self) -> None:
+        try:
+            request = urllib.request.Request(self.url, headers={"User-Agent": "napari-sam"})
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                length = response.headers.get("Content-Length", "")
+                if not self._put(("open", int(length) if length.isdigit() else None)):
+                    return
+                while not self.stop.is_set():
+                    block = response.read1(self.chunk_bytes)  # what has arrived, <= chunk
+                    if not block:
+                        self._put(("end", None))
+                        return
+                    if not self._put(("data", block)):
+                        return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer as it is
+            self._put(("error", exc))
+
+
+class _Speed:
+    """Bytes per second over a sliding window of ``window_s``."""
+
+    def __init__(self, window_s: float = 2.0) -> None:
+        self.window_s = window_s
+        self.samples: collections.deque = collections.deque()  # (time, done_bytes)
+
+    def update(self, now: float, done: int) -> float:
+        self.samples.append((now, done))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
+            self.samples.popleft()
+        t0, d0 = self.samples[0]
+        return (done - d0) / (now - t0) if now - t0 >= 0.05 else 0.0
+
+
+def download_job(
+    model_type: str,
+    cancel: threading.Event | None = None,
+    *,
+    chunk_bytes: int = 1 << 16,
+    timeout_s: float = STALL_TIMEOUT_S,
+) -> Generator[DownloadProgress, None, Path | None]:
+    """The official checkpoint of ``model_type``, downloaded into the cache, as a generator.
+
+    Checked up front (raised by this call, before any download): ``model_type`` is known
+    (ValueError). Then, when iterated: if the cache already holds the file with the right
+    sha256, it returns its path at once (no progress at all). Otherwise it yields a
+    :class:`DownloadProgress` at the start, at least every ``PROGRESS_EVERY_S`` (0.2 s,
+    also while the server is silent) and once at the end (``done_bytes == total_bytes``),
+    streams the file into a temporary file beside the target, checks its sha256 and
+    renames it into place (atomic), then returns the path.
+
+    Cancel: set ``cancel`` (checked every 0.1 s) or close the generator. It stops reading
+    within a second, removes its temporary file and returns None; a file that was at the
+    target path before stays as it was.
+
+    Args:
+        model_type: "vit_b", "vit_l", "vit_h" or "vit_t".
+        cancel: optional ``threading.Event``; when set, the job returns None.
+        chunk_bytes: most bytes read from the network at a time.
+        timeout_s: a connection that sends nothing for this long fails.
+    Returns (as the generator's value): the checkpoint's path, or None if cancelled.
+    Raises (while iterated):
+        CheckpointDownloadError: offline, HTTP error, stalled or cut connection, sha256
+            mismatch, cache folder not writable; the message names the URL, the exact
+            path where the file can be put by hand, and ``$NAPARI_SAM_CACHE``.
+    """
+    info = checkpoint_info(model_type)
+    if chunk_bytes < 1:
+        raise ValueError(f"expected chunk_bytes >= 1, got {chunk_bytes}")
+    return _download(info, cache_dir() / info.filename, cancel, chunk_bytes, timeout_s)
+
+
+def _download(info: CheckpointInfo, target: Path, cancel, chunk_bytes: int, timeout_s: float
+              ) -> Generator[DownloadProgress, None, Path | None]:
+    if target.is_file() and file_fingerprint(target) == info.sha256:
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{info.filename}.",
+                                        suffix=".part")
+    except OSError as exc:
+        raise _download_error(info, target, f"cannot write to {target.parent}: {exc}") from exc
+    tmp = Path(tmp_name)
+    reader = _Reader(info.url, chunk_bytes, timeout_s)
+    finished = False
+    try:
+        with os.fdopen(fd, "wb") as out:
+            digest, done, total = hashlib.sha256(), 0, info.size_bytes
+            length: int | None = None
+            speed, start = _Speed(), time.monotonic()
+            speed.update(start, 0)
+            last_yield = start
+            reader.start()
+            yield DownloadProgress(0, total, 0.0, info.model_type)
+            while True:
+                if cancel is not None and cancel.is_set():
+                    return None
+                try:
+                    kind, value = reader.queue.get(timeout=CANCEL_POLL_S)
+                except queue.Empty:
+                    kind, value = "wait", None
+                if kind == "open":
+                    length = value
+                    total = value or info.size_bytes
+                elif kind == "data":
+                    try:
+                        out.write(value)
+                    except OSError as exc:
+                        raise _download_error(info, target, f"cannot write {tmp}: {exc}") from exc
+                    digest.update(value)
+                    done += len(value)
+                elif kind == "error":
+                    raise _download_error(info, target, f"{type(value).__name__}: {value}") from value
+                elif kind == "end":
+                    break
+                now = time.monotonic()
+                if now - last_yield >= PROGRESS_EVERY_S:
+                    last_yield = now
+                    yield DownloadProgress(done, max(total, done), speed.update(now, done),
+                                           info.model_type)
+            if length is not None and done != length:
+                raise _download_error(info, target, f"the connection closed after {done} of "
+                                      f"{length} bytes")
+            try:
+                out.flush()
+                os.fsync(out.fileno())
+            except OSError as exc:
+                raise _download_error(info, target, f"cannot write {tmp}: {exc}") from exc
+        elapsed = max(time.monotonic() - start, 1e-9)
+        yield DownloadProgress(done, done, done / elapsed, info.model_type)
+        if digest.hexdigest() != info.sha256:
+            raise _download_error(
+                info, target, f"sha256 mismatch: got {digest.hexdigest()}, expected "
+                f"{info.sha256}; a proxy or a changed file on the server? Nothing was saved")
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise _download_error(info, target, f"cannot rename {tmp}: {exc}") from exc
+        finished = True
+        _remember_fingerprint(target, info.sha256)  # hashed while downloading: not again
+        return target
+    finally:
+        reader.stop.set()
+        if not finished:
+            tmp.unlink(missing_ok=True)
+
+
 def fetch_checkpoint(model_type: str, progressbar: bool = True) -> Path:
-    """Path of the official checkpoint for ``model_type``, downloading it once if needed.
+    """Path of the official checkpoint for ``model_type``, downloading it once if needed
+    (with a terminal progress bar on stderr unless ``progressbar`` is False).
 
     Raises:
         CheckpointDownloadError: offline or failed download; the message names the URL,
             the exact path where the file can be put by hand, and ``$NAPARI_SAM_CACHE``.
     """
-    info = checkpoint_info(model_type)
-    target = cache_dir() / info.filename
-    if target.is_file() and file_fingerprint(target) == info.sha256:
-        return target
-    import pooch
-
+    job = download_job(model_type)
+    bar = None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        path = pooch.retrieve(
-            url=info.url,
-            known_hash=f"sha256:{info.sha256}",
-            fname=info.filename,
-            path=target.parent,
-            progressbar=progressbar,
-        )
-    except Exception as exc:  # network, HTTP, disk full, hash mismatch: one clear message
-        raise CheckpointDownloadError(
-            f"could not download the {model_type} checkpoint from {info.url} "
-            f"({type(exc).__name__}: {exc}). Download it yourself and save it as "
-            f"{target} (or pass its path as `checkpoint=`); set ${CACHE_ENV_VAR} to use "
-            "another cache folder."
-        ) from exc
-    return Path(path)
+        while True:
+            try:
+                progress = next(job)
+            except StopIteration as stop:
+                return stop.value
+            if progressbar:
+                if bar is None:
+                    from tqdm import tqdm
+
+                    bar = tqdm(total=progress.total_bytes, unit="B", unit_scale=True,
+                               unit_divisor=1024, desc=f"download {model_type}", file=sys.stderr)
+                bar.total = progress.total_bytes
+                bar.update(progress.done_bytes - bar.n)
+    finally:
+        job.close()
+        if bar is not None:
+            bar.close()
