@@ -27,6 +27,11 @@ if [ "${1:-}" = "--testing" ]; then
     # torchvision without its CUDA deps, MobileSAM's code and what it imports.
     .venv/bin/python -m pip install --quiet --no-deps torchvision==0.28.0 mobilesam-mirror timm
     .venv/bin/python -m pip install --quiet pyyaml huggingface_hub safetensors
+    # Clients of the drop-in API (tests/test_dropin_*.py): micro-sam and what it imports
+    # (without its torch/torchvision pins), OpenCV and pycocotools for Meta's amg.py.
+    .venv/bin/python -m pip install --quiet --no-deps torch-em micro-sam python-elf kornia kornia_rs imageio h5py
+    .venv/bin/python -m pip install --quiet matplotlib xxhash bioimage-cpp scikit-learn \
+        opencv-python-headless pycocotools
 else
     .venv/bin/python -m pip install --quiet -e . PyQt6
 fi

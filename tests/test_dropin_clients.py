@@ -251,6 +251,7 @@ shown, shown2 = overlay(masks), overlay(masks2)
 def test_automatic_mask_generator_notebook(register, one_thread):
     from sam_factory import TINY_FAST
 
+    pytest.importorskip("cv2", reason="the reference's min_mask_region_area needs OpenCV (test-only)")
     checkpoint = register(TINY_FAST, decisive=True, seed=7)  # a seed with several masks
     inputs = dict(image=scene(150, 225, 0), sam_checkpoint=checkpoint, model_type=MODEL_TYPE, device="cpu")
     ref = run_client(AMG_NOTEBOOK, "segment_anything", **inputs)
@@ -369,9 +370,9 @@ def read_rle_output(path: Path) -> list[dict]:
 
 
 def test_amg_script(register, tmp_path, one_thread):
-    import cv2
     from sam_factory import TINY_FAST
 
+    cv2 = pytest.importorskip("cv2", reason="the script reads and writes images with OpenCV (test-only)")
     pytest.importorskip("pycocotools", reason="the script's --convert-to-rle needs pycocotools")
     checkpoint = register(TINY_FAST, decisive=True, seed=7)
     images = tmp_path / "images"
