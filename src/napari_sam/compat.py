@@ -42,9 +42,11 @@ What is covered, each tested against the reference on identical random weights
 
 Known differences: checkpoints load with ``weights_only=True`` (files holding pickled code
 are refused, see :mod:`napari_sam.model.checkpoint`); invalid input raises ``ValueError``
-where the reference asserts; ``min_mask_region_area`` uses scikit-image, not OpenCV; with
-crop layers the reference's ``bbox``/``crop_box`` hold floats where ours hold ints (the
-same values).
+where the reference asserts; ``min_mask_region_area`` uses scikit-image, not OpenCV.
+Automatic-mask records hold Python ints in ``bbox``/``crop_box`` always; the reference's
+hold floats (the same whole numbers) when one of its crops produced no mask (an empty
+float tensor concatenated with the others' int boxes), which happens with ``crop_n_layers
+>= 1``. Code that writes them as text sees ``12`` where the reference wrote ``12.0``.
 """
 
 from __future__ import annotations
