@@ -149,7 +149,7 @@ def test_offline_load_from_a_plain_script_does_not_kill_it(tmp_path):
         napari_sam.engine.build_sam = offline
         viewer = napari.Viewer(show=False)
         _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
-        widget.load_model("vit_b", wait=False)
+        widget.load_model("vit_b", "w.pt", wait=False)
         deadline = time.monotonic() + 20
         while widget.loader.running and time.monotonic() < deadline:
             QApplication.processEvents()
@@ -162,3 +162,39 @@ def test_offline_load_from_a_plain_script_does_not_kill_it(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "STATUS: SAM: loading vit_b failed: no network" in done.stdout
     assert "Traceback" not in done.stderr
+
+
+def test_first_download_shows_size_and_speed_and_can_be_cancelled(viewer, qtbot, monkeypatch):
+    import threading
+    import time
+
+    import napari_sam.engine.weights as weights
+    from napari_sam.engine.weights import DownloadProgress
+
+    seen_cancel = threading.Event()
+
+    def slow_download(model_type, cancel=None, **kwargs):
+        total = 40 << 20
+        for k in range(1000):
+            if cancel is not None and cancel.is_set():
+                seen_cancel.set()
+                return None
+            yield DownloadProgress(k << 18, total, 5.0 * (1 << 20), model_type)
+            time.sleep(0.02)
+        return None
+
+    monkeypatch.setattr(weights, "download_job", slow_download)
+    widget = dock(viewer, "Segment Anything")
+    said = []
+    widget.segmenter.status.connect(said.append)
+    assert widget.load_model("vit_t", wait=False) is not None
+    qtbot.waitUntil(lambda: "MiB/s" in widget.status, timeout=10000)
+    assert "downloading vit_t:" in widget.status and widget._load_button.text() == "Cancel loading"
+    pbar = widget.loader.job.worker.pbar
+    qtbot.waitUntil(lambda: pbar.n > 0, timeout=10000)
+    assert pbar.total == 40 << 10  # KiB in napari's activity dock
+    started = time.monotonic()
+    qtbot.mouseClick(widget._load_button, Qt.MouseButton.LeftButton)  # Cancel loading
+    assert widget.loader.wait(5) and time.monotonic() - started < 1.0
+    assert "loading cancelled" in widget.status and widget.session.model is None, said[-5:]
+    assert widget._load_button.text() == "Load model"

@@ -30,7 +30,7 @@ def test_widgets_share_one_model_however_opened_and_reopened(viewer, qtbot, monk
     viewer.add_image(objects_2d()[0], name="cells")
     model = patch_build_sam(monkeypatch, OracleSam(image_size=256))
     anything = dock(viewer, "Segment Anything")
-    assert anything.load_model("vit_t", wait=False) is not None  # the Load model button's path
+    assert anything.load_model("vit_t", "w.pt", wait=False) is not None  # the Load model button's path
     assert anything.loader.wait(20)
     assert anything.session.model is model
 
@@ -68,10 +68,10 @@ def test_load_failure_reaches_status_not_a_traceback(viewer, qtbot, monkeypatch)
     shown = []
     monkeypatch.setattr("napari_sam._napari.jobs.notify_error", shown.append)
     widget = dock(viewer, "Segment Anything")
-    assert widget.load_model("vit_b", wait=False) is not None
+    assert widget.load_model("vit_b", "w.pt", wait=False) is not None
     assert widget.loader.wait(20)
     assert "offline" in widget.status and shown and "offline" in shown[0]
-    assert widget._load_button.isEnabled() and widget.session.model is None
+    assert widget._load_button.text() == "Load model" and widget.session.model is None
 
 
 # ---------------------------------------------------------------- 2. the README's store workflow

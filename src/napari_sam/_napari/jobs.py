@@ -136,7 +136,7 @@ class JobRunner:
                                _ignore_errors=True, _progress=progress)
         job = Job(desc, worker, cancel, ended)
         if on_yield is not None:
-            worker.yielded.connect(lambda item: None if self._closed else on_yield(item))
+            worker.yielded.connect(lambda item: self._guarded(job, on_yield, item))
         worker.returned.connect(
             lambda outcome: self._finish(job, outcome, on_done, on_cancel, on_error, is_current))
         # a failure of the thread machinery itself (the body never raises)
@@ -156,6 +156,19 @@ class JobRunner:
             if total is not None:
                 self._bar.setRange(0, max(int(total), 1))
             self._bar.setValue(int(done))
+
+    def activity(self, done: int, total: int, desc: str | None = None) -> None:
+        """Show ``done`` of ``total`` (any unit, e.g. KiB) in napari's activity dock for the
+        running job (its own bar counts yields otherwise)."""
+        pbar = getattr(self.job.worker, "pbar", None) if self.job is not None else None
+        if pbar is None or self._closed:
+            return
+        if pbar.total != total:
+            pbar.total = int(total)
+        if done != pbar.n:
+            pbar.update(int(done) - pbar.n)
+        if desc is not None:
+            pbar.set_description(desc)
 
     def _finish(self, job, outcome: _Outcome, on_done, on_cancel, on_error, is_current) -> None:
         if self._closed:
@@ -194,6 +207,16 @@ class JobRunner:
                 self._bar.setValue(0)
             if not self._closed:
                 self.busy_changed.emit(False)
+
+    def _guarded(self, job, callback, item) -> None:
+        """A progress callback on the GUI thread: only while ``job`` runs (a step that
+        arrives after its end is dropped); a failure there is reported, not raised."""
+        if self._closed or self.job is not job:
+            return
+        try:
+            callback(item)
+        except Exception as exc:  # noqa: BLE001
+            self._report(f"progress display failed: {type(exc).__name__}: {exc}")
 
     def cancel(self) -> None:
         """Ask the running job to stop (it does at its next progress step)."""

@@ -35,7 +35,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .jobs import JobRunner, as_generator
+from .jobs import JobRunner
 from .labels_io import CommitResult
 from .lifetime import on_close
 from .prompt_layers import preferred_image, refill_layer_combos
@@ -68,7 +68,8 @@ class SegmentAnythingWidget(QWidget):
         self.segmenter = InteractiveSegmenter(self.viewer, self.session)
         self._build_ui()
         self.loader = JobRunner(self.segmenter.report)
-        self.loader.busy_changed.connect(lambda busy: self._load_button.setEnabled(not busy))
+        self.loader.busy_changed.connect(
+            lambda busy: self._load_button.setText("Cancel loading" if busy else "Load model"))
         self.segmenter.changed.connect(self._update_ui)
         self.segmenter.status.connect(self._on_status)
         self.session.model_changed.connect(self._on_model_changed)
@@ -101,7 +102,7 @@ class SegmentAnythingWidget(QWidget):
         self._device = QComboBox()
         self._device.addItems(["auto", "cpu", "cuda", "mps"])
         self._load_button = QPushButton("Load model")
-        self._load_button.clicked.connect(lambda: self.load_model(wait=False))
+        self._load_button.clicked.connect(self._load_or_cancel)
         self._model_label = QLabel("no model loaded")
         with_tip(self._model_type, "which SAM: vit_t (MobileSAM) is fast on a CPU; vit_b/l/h are larger "
                                    "and slower, vit_h is the most accurate")
@@ -266,6 +267,7 @@ class SegmentAnythingWidget(QWidget):
         ``wait=False`` loads in a worker (the button does) and returns the worker; a
         failure (offline, bad file) reaches the status line and a notification."""
         from .. import engine
+        from ..engine.weights import CHECKPOINTS, download_job
 
         model_type = model_type or self._model_type.currentData()
         checkpoint = checkpoint or (self._checkpoint.text().strip() or None)
@@ -274,14 +276,38 @@ class SegmentAnythingWidget(QWidget):
             return self.session.load_model(model_type, checkpoint, device, precision)
         build = engine.build_sam  # looked up now: tests replace it
 
+        def job(cancel):
+            path = checkpoint
+            if path is None and model_type in CHECKPOINTS:  # official weights: fetched once
+                path = yield from download_job(model_type, cancel)
+                if path is None:
+                    return None  # cancelled
+            return build(model_type, checkpoint=path, device=device, precision=precision)
+
         def done(model):
-            self.session.set_model(model)
-            self.segmenter.report(f"model {model_type} loaded")
+            if model is not None:
+                self.session.set_model(model)
+                self.segmenter.report(f"model {model_type} loaded")
+
+        def cancelled():
+            self.segmenter.report("loading cancelled: no model changed (a partial download is removed)")
 
         self.segmenter.report(f"loading {model_type}…")
-        return self.loader.start(
-            as_generator(lambda: build(model_type, checkpoint=checkpoint, device=device, precision=precision)),
-            desc=f"SAM: loading {model_type}", on_done=done)
+        return self.loader.start(job, desc=f"SAM: loading {model_type}", on_yield=self._on_download,
+                                 on_done=done, on_cancel=cancelled)
+
+    def _on_download(self, progress) -> None:
+        """A :class:`~napari_sam.engine.weights.DownloadProgress`: size and speed in the
+        activity dock (KiB) and on the status line."""
+        self.loader.activity(progress.done_bytes >> 10, max(progress.total_bytes >> 10, 1),
+                             f"SAM: downloading {progress.describe()}")
+        self.segmenter.report(f"downloading {progress.describe()} (Cancel loading stops it)")
+
+    def _load_or_cancel(self) -> None:
+        if self.loader.running:
+            self.loader.cancel()
+        else:
+            self.load_model(wait=False)
 
     def set_image_layer(self, layer) -> None:
         """Segment this Image layer (2D, 3D, time series, RGB; any dtype)."""
