@@ -97,7 +97,7 @@ def qt_files() -> list[Path]:
         spec = importlib.util.find_spec(binding)
         if spec is None or not spec.submodule_search_locations:
             continue
-        root = Path(list(spec.submodule_search_locations)[0])
+        root = Path(next(iter(spec.submodule_search_locations)))
         files = [root / r for r in relative if (root / r).is_file()]
         if files:
             return files
@@ -199,7 +199,9 @@ def find_missing(headless: bool) -> Missing:
 
 
 def _explain(missing: Missing, headline: str) -> None:
-    say = lambda text="": print(text, file=sys.stderr)  # noqa: E731
+    def say(text: str) -> None:
+        print(text, file=sys.stderr)
+
     say(f"napari-sam: {headline}: {', '.join(missing.what)}.")
     if missing.unknown:
         say(f"  No known Debian package provides {', '.join(missing.unknown)} "

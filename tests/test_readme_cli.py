@@ -25,7 +25,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def _blobs(shape, seed):
     """uint16 image or stack: a few bright discs on a dim noisy background."""
     rng = np.random.default_rng(seed)
-    *lead, h, w = shape
+    *_lead, h, w = shape
     yy, xx = np.mgrid[:h, :w]
     out = rng.normal(200, 20, shape).clip(0).astype(np.uint16)
     for k in range(4):
@@ -48,12 +48,12 @@ def readme_commands() -> list[str]:
     from inline code spans."""
     text = README.read_text()
     commands = []
-    for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.DOTALL):
         for line in block.splitlines():
             line = line.split(" #", 1)[0].strip()
             if re.match(r"(\.venv/bin/)?napari-sam\s", line):
                 commands.append(line)
-    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    prose = re.sub(r"```.*?```", "", text, flags=re.DOTALL)
     spans = re.findall(r"`((?:\.venv/bin/)?napari-sam\s[^`]+)`", prose)
     commands += [c.strip() for c in spans if len(c.split()) >= 3]  # not a bare "napari-sam embed"
     return list(dict.fromkeys(commands))
@@ -92,3 +92,18 @@ def test_readme_command_runs_as_written(command, tmp_path, tmp_path_factory):
     for flag in ("-o", "--store"):  # what it was asked to write is there
         if flag in argv:
             assert (tmp_path / argv[argv.index(flag) + 1]).exists(), command
+
+
+def test_readme_pictures_exist_are_small_and_come_from_the_script():
+    """Every picture the README shows is in docs/images (and every one there is shown),
+    at most 250 KB, and made by scripts/make_screenshots.py (which names them)."""
+    text = README.read_text()
+    shown = set(re.findall(r"\]\((docs/images/[^)]+\.png)\)", text))
+    folder = README.parent / "docs" / "images"
+    assert shown == {f"docs/images/{p.name}" for p in folder.glob("*.png")}
+    assert len(shown) >= 4
+    script = (README.parent / "scripts" / "make_screenshots.py").read_text()
+    for path in shown:
+        assert (README.parent / path).stat().st_size <= 250_000, path
+        assert f'"{Path(path).name}"' in script, f"{path} is not made by make_screenshots.py"
+    assert "scripts/make_screenshots.py" in text and "tests/oracle.py" in text

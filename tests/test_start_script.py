@@ -116,7 +116,7 @@ def test_missing_libraries_print_the_apt_line_and_never_prompt_without_a_termina
     err = result.stderr
     assert "libxcb-icccm.so.4, libxcb-keysyms.so.1" in err
     assert re.search(r"^    (sudo )?apt-get install -y --no-install-recommends libxcb-icccm4 "
-                     r"libxcb-keysyms1$", err, re.M), err
+                     r"libxcb-keysyms1$", err, re.MULTILINE), err
     assert "NAPARI_SAM_INSTALL_SYSTEM_DEPS=1" in err and "libnapari-sam-nonexistent.so.7" in err
     assert "[y/N]" not in result.stdout + err
     assert not (tmp_path / "calls.log").exists()  # nothing installed
@@ -163,7 +163,7 @@ def test_readme_and_ci_list_the_same_system_packages():
     ci_packages = set(re.findall(r"\b(?:xvfb|xauth|lib[\w.+-]+)", ci.split("apt-get install", 1)[1]
                                  .split(">", 1)[0]))
     readme = (ROOT / "README.md").read_text()
-    blocks = [b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "apt-get install" in b]
+    blocks = [b for b in re.findall(r"```bash\n(.*?)```", readme, re.DOTALL) if "apt-get install" in b]
     assert blocks, "README has no apt-get install block"
     readme_packages = set(blocks[0].replace("\\\n", " ").split())
     assert ci_packages and ci_packages <= readme_packages, ci_packages - readme_packages

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -13,7 +14,11 @@ import pytest
 
 from napari_sam.engine import weights
 from napari_sam.engine.volume import run_generator
-from napari_sam.engine.weights import CheckpointDownloadError, DownloadProgress, download_job
+from napari_sam.engine.weights import (
+    CheckpointDownloadError,
+    DownloadProgress,
+    download_job,
+)
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 
@@ -32,7 +37,7 @@ class _Server:
             def log_message(self, *args):  # quiet
                 pass
 
-            def do_GET(self):  # noqa: N802 - http.server's name
+            def do_GET(self):
                 owner.requests += 1
                 if self.path != "/fake.pt":
                     self.send_error(404)
@@ -109,7 +114,7 @@ def test_download_yields_progress_and_returns_the_checked_file(server, tmp_path)
     assert progress[1].total_bytes == len(PAYLOAD)  # the server's Content-Length, not the guess
     done = [p.done_bytes for p in progress]
     assert done == sorted(done) and len(set(done)) >= 3  # several steps in between
-    assert max(b - a for a, b in zip(times, times[1:])) < 0.5
+    assert max(b - a for a, b in itertools.pairwise(times)) < 0.5
     assert any(p.bytes_per_s > 0 for p in progress[1:])
     assert progress[-1].fraction == 1.0 and "MiB" in progress[-1].describe()
     assert cache_files(tmp_path) == ["fake.pt"]  # no temporary file left
@@ -156,7 +161,7 @@ def test_cancel_while_the_server_is_silent(server, tmp_path):
         if len(seen) > 3 and progress.done_bytes == 1 << 17 and progress.bytes_per_s == 0:
             break
         assert time.monotonic() - times[0] < 10, "no stalled progress reported"
-    assert max(b - a for a, b in zip(times, times[1:])) < 0.5  # progress while stalled too
+    assert max(b - a for a, b in itertools.pairwise(times)) < 0.5  # progress while stalled too
     cancel.set()
     t0 = time.monotonic()
     assert run_generator(job) is None
