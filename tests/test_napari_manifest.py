@@ -56,7 +56,8 @@ def test_samples_are_real_images(monkeypatch):
 
 @pytest.mark.gui
 def test_dock_from_manifest_segment_and_see_it(viewer, qtbot):
-    from qtpy.QtCore import QPoint, Qt
+    from qtpy.QtCore import Qt
+    from test_napari_first_hour import canvas_point
 
     img = np.zeros((160, 256), np.uint8)
     img[40:120, 60:180] = 120
@@ -69,16 +70,21 @@ def test_dock_from_manifest_segment_and_see_it(viewer, qtbot):
     qtbot.wait(50)
     before = viewer.screenshot(canvas_only=True, flash=False)
     canvas = viewer.window._qt_viewer.canvas.native  # a real click, then Shift-Enter
-    qtbot.mouseClick(canvas, Qt.MouseButton.LeftButton, pos=QPoint(canvas.width() // 2, canvas.height() // 2))
+    centre_px, background_px = canvas_point(viewer, (80, 120)), canvas_point(viewer, (80, 20))
+    qtbot.mouseClick(canvas, Qt.MouseButton.LeftButton, pos=centre_px)
     assert widget.current_masks is not None
     qtbot.keyClick(canvas, Qt.Key.Key_Return, Qt.KeyboardModifier.ShiftModifier)
     assert "committed label(s) [1]" in widget.status
     labels = viewer.layers["SAM labels"]
     assert (labels.data[40:120, 60:180] == 1).mean() > 0.97
     after = viewer.screenshot(canvas_only=True, flash=False)
-    h, w = after.shape[:2]
-    centre = (slice(h // 2 - 5, h // 2 + 5), slice(w // 2 - 5, w // 2 + 5))
-    corner = (slice(h // 2 - 5, h // 2 + 5), slice(5, 15))  # background, left of the object
+    ratio = after.shape[1] / canvas.width()  # screenshot pixels per canvas pixel
+
+    def around(p):
+        x, y = int(p.x() * ratio), int(p.y() * ratio)
+        return slice(y - 3, y + 3), slice(x - 3, x + 3)
+
+    centre, corner = around(centre_px), around(background_px)  # corner: background, left of it
     change = np.abs(after[centre][..., :3].astype(int) - before[centre][..., :3].astype(int)).mean()
     assert change > 20  # the committed object is drawn in its label colour
     assert np.array_equal(after[corner], before[corner])  # background untouched
