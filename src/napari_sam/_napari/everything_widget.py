@@ -103,6 +103,11 @@ class SegmentEverythingWidget(QWidget):
         self._show_model(self.session.model)
 
     # ------------------------------------------------------------------ UI
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        """Once styled (fonts known), make the dock wide enough for every control."""
+        super().showEvent(event)
+        fit_narrow_docks(self)
+
     def _build_ui(self) -> None:
         layout, footer = scrolled_body(self)
         self._model_label = QLabel()

@@ -84,6 +84,11 @@ class SegmentAnythingWidget(QWidget):
         self._on_model_changed(self.session.model)
 
     # ------------------------------------------------------------------ UI
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        """Once styled (fonts known), make the dock wide enough for every control."""
+        super().showEvent(event)
+        fit_narrow_docks(self)
+
     def _build_ui(self) -> None:
         layout, footer = scrolled_body(self)
         model_box = QGroupBox("Model")
