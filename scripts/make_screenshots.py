@@ -180,17 +180,22 @@ def dock(viewer, name: str, tabify: bool = False):
     return widget
 
 
-def interactive(out: Path) -> None:
-    """Clicks -> live preview: one coin committed (label 1), the next one clicked (preview)."""
+def coins_encoded():
+    """(viewer, Segment Anything widget) on scikit-image's coins, the slice encoded."""
     from skimage import data
 
-    model = segmenting_oracle()
     viewer = new_viewer()
     coins = viewer.add_image(data.coins(), name="coins")
     widget = dock(viewer, "Segment Anything")
-    widget.set_model(model)
+    widget.set_model(segmenting_oracle())
     widget.set_image_layer(coins)
     widget.encode_current_slice(wait=True)
+    return viewer, widget
+
+
+def interactive(out: Path) -> None:
+    """Clicks -> live preview: one coin committed (label 1), the next one clicked (preview)."""
+    viewer, widget = coins_encoded()
     widget.add_point((125, 45))
     widget.commit()
     widget.add_point((126, 102))  # a positive click: the preview shows the coin
@@ -203,15 +208,7 @@ def interactive(out: Path) -> None:
 
 def boxes(out: Path) -> None:
     """Several boxes -> several objects at once (preview, before the commit)."""
-    from skimage import data
-
-    model = segmenting_oracle()
-    viewer = new_viewer()
-    coins = viewer.add_image(data.coins(), name="coins")
-    widget = dock(viewer, "Segment Anything")
-    widget.set_model(model)
-    widget.set_image_layer(coins)
-    widget.encode_current_slice(wait=True)
+    viewer, widget = coins_encoded()
     for r0, c0, r1, c1 in ((174, 21, 220, 67), (171, 76, 221, 128), (175, 131, 221, 178),
                            (166, 185, 220, 241)):  # around four coins of the third row
         widget.add_box((r0, c0), (r1, c1))

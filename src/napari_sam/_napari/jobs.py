@@ -29,10 +29,6 @@ from typing import Any
 from psygnal import Signal
 
 
-class JobCancelled(Exception):
-    """Raised inside a job's generator wrapper when the user cancelled (never escapes)."""
-
-
 @dataclass
 class _Outcome:
     """What the worker thread hands back to the GUI thread."""
@@ -173,31 +169,33 @@ class JobRunner:
     def _finish(self, job, outcome: _Outcome, on_done, on_cancel, on_error, is_current) -> None:
         if self._closed:
             return
-        if outcome.error is None and not outcome.cancelled:
-            self._release(job)  # before on_done: it may start the next job
         if outcome.error is not None:
-            message = f"{job.desc} failed: {outcome.error}"
-            self._report(message)
-            notify_error(message)
+            self._fail(job, outcome.error)
             if on_error is not None:
                 on_error(outcome.error)
-        elif outcome.cancelled:
+            self._release(job)  # after on_error: its state is set before "idle"
+            return
+        if outcome.cancelled:
             if on_cancel is not None:
                 on_cancel()
             else:
                 self._report(f"{job.desc}: cancelled, nothing changed")
-        self._release(job)  # after on_error / on_cancel: their state is set before "idle"
-        if outcome.error is not None or outcome.cancelled:
+            self._release(job)
             return
+        self._release(job)  # before on_done: it may start the next job
         if is_current is not None and not is_current():
             self._report(f"{job.desc}: the image, layers or model changed meanwhile; result dropped")
         elif on_done is not None:
             try:
                 on_done(outcome.result)
             except Exception as exc:  # noqa: BLE001 - a failed write is reported, not raised
-                message = f"{job.desc} failed: {exc}"
-                self._report(message)
-                notify_error(message)
+                self._fail(job, exc)
+
+    def _fail(self, job, exc: BaseException) -> None:
+        """A job's failure: the status line and a napari notification."""
+        message = f"{job.desc} failed: {exc}"
+        self._report(message)
+        notify_error(message)
 
     def _release(self, job) -> None:
         if self.job is job:

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from napari.layers import Labels
 
-from .geometry import SlicePlane, affine_between, base_data, is_identity, map_coords, nearest, spatial_shape
+from .geometry import (SlicePlane, affine_between, base_data, is_identity, map_coords, mask_indices, nearest,
+                       spatial_shape)
 from .prompt_layers import LABELS_ROLE, ROLE_KEY, copy_spatial, find_layer
 
 
@@ -146,10 +147,10 @@ class PlaneTargets:
         shape = spatial_shape(labels)
         forward = affine_between(image, labels, world_point)
         if is_identity(forward) and shape == spatial_shape(image):  # same grid: direct
-            rr, cc = np.mgrid[r0 : r1 + 1, c0 : c1 + 1]
-            self.rc = np.stack([rr.ravel(), cc.ravel()], axis=1)
-            self.index = tuple(self.rc[:, 0] if a == plane.axes_rc[0] else self.rc[:, 1] if a == plane.axes_rc[1]
-                               else np.full(len(self.rc), i, np.intp) for a, i in enumerate(plane.index))
+            region = np.zeros((h, w), dtype=bool)
+            region[r0 : r1 + 1, c0 : c1 + 1] = True
+            self.index = mask_indices(region, plane)
+            self.rc = np.stack([self.index[plane.axes_rc[0]], self.index[plane.axes_rc[1]]], axis=1)
             return
         empty = tuple(np.zeros(0, np.intp) for _ in shape), np.zeros((0, 2), np.intp)
         # the region's corners (pixel edges) in target coordinates bound the candidates

@@ -131,10 +131,6 @@ class InteractiveSegmenter:
     def wait_for_encoding(self, timeout: float = 120.0) -> bool:
         return self.encoder.wait(timeout)
 
-    def keep_active_layer(self):
-        """Context manager: the viewer's active layer is the same after the block."""
-        return self._keep_active_layer()
-
     def target_labels(self):
         """The commit target: the chosen Labels layer, or "SAM labels" (created if missing)."""
         if self.labels_layer is None or self.labels_layer not in self.viewer.layers:
