@@ -10,7 +10,7 @@ import torch
 
 from napari_sam import CheckpointDownloadError, CheckpointError, build_sam
 from napari_sam.engine import weights
-from napari_sam.model.checkpoint import guess_model_type, read_state_dict
+from napari_sam.model.checkpoint import guess_model_type, read_checkpoint, read_state_dict
 
 
 def test_build_sam_loads_reference_checkpoint(tiny_reference_and_checkpoint, tiny_sam):
@@ -156,7 +156,6 @@ def _prefixed(state, prefix):
     [
         pytest.param(lambda sd: {"model_state": _prefixed(sd, "sam."), "optimizer_state": {"state": {}, "param_groups": []},
                                  "epoch": 12, "best_metric": 0.25}, id="torch_em-trainer-sam-prefix"),
-        pytest.param(lambda sd: {"model_state": sd, "decoder_state": {"base.x": torch.zeros(3)}}, id="micro_sam-ais"),
         pytest.param(lambda sd: {"model_state": sd}, id="micro_sam-exported"),
         pytest.param(lambda sd: _prefixed(sd, "module."), id="ddp"),
         pytest.param(lambda sd: {"model": _prefixed(sd, "module.sam.")}, id="model-ddp-sam"),
@@ -262,11 +261,33 @@ def test_cache_dir_env_override(monkeypatch, tmp_path):
 
 
 def test_registry_has_official_files():
-    assert set(weights.CHECKPOINTS) == {"vit_b", "vit_l", "vit_h", "vit_t"}
+    official = {"vit_b", "vit_l", "vit_h", "vit_t"}
+    assert official <= set(weights.CHECKPOINTS)
     assert weights.CHECKPOINTS["vit_b"].filename == "sam_vit_b_01ec64.pth"
     assert weights.CHECKPOINTS["vit_h"].filename == "sam_vit_h_4b8939.pth"
     assert weights.CHECKPOINTS["vit_l"].filename == "sam_vit_l_0b3195.pth"
-    assert all(len(i.sha256) == 64 for i in weights.CHECKPOINTS.values())
+    assert all(len(weights.CHECKPOINTS[m].sha256) == 64 for m in official)
+
+
+def test_bad_decoder_state_is_refused_with_a_clear_message(tiny_reference_and_checkpoint, tmp_path):
+    """A micro-sam style file whose decoder_state does not fit: refused, nothing half-loaded."""
+    from sam_factory import TINY_VIT_B
+
+    ref, _ = tiny_reference_and_checkpoint
+    path = tmp_path / "ais.pt"
+    torch.save({"model_state": ref.state_dict(), "decoder_state": {"base.x": torch.zeros(3)}}, path)
+    sam_state, decoder_state = read_checkpoint(path)
+    assert set(sam_state) == set(ref.state_dict()) and set(decoder_state) == {"base.x"}
+    with pytest.raises(CheckpointError, match="decoder"):
+        build_sam(TINY_VIT_B, checkpoint=path, device="cpu", precision="fp32")
+
+
+def test_checkpoint_without_decoder_has_no_instance_decoder(tiny_reference_and_checkpoint):
+    from sam_factory import TINY_VIT_B
+
+    _, path = tiny_reference_and_checkpoint
+    model = build_sam(TINY_VIT_B, checkpoint=path, device="cpu", precision="fp32")
+    assert model.instance_decoder is None
 
 
 def test_fingerprint_is_remembered(tmp_path, monkeypatch):

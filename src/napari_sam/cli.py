@@ -14,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("everything", "embed")
+COMMANDS = ("everything", "embed", "models")
 
 
 def build_parser() -> argparse.ArgumentParser:

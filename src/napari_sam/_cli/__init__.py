@@ -6,16 +6,22 @@ import argparse
 import re
 
 from ..engine.device import PRECISIONS
-from ..model.config import MODEL_CONFIGS
+from ..model.zoo import ZOO
 
-MODELS = tuple(MODEL_CONFIGS)
+MODELS = tuple(ZOO)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model, --checkpoint, --device, --precision: the same for every command."""
-    parser.add_argument("--model", default="vit_b", choices=MODELS, help="model type (default vit_b)")
+    """--model, --checkpoint, --decoder-checkpoint, --device, --precision: the same for
+    every command."""
+    parser.add_argument("--model", default="vit_b", choices=MODELS, metavar="NAME",
+                        help="model name (default vit_b): " + ", ".join(MODELS)
+                        + "; see `napari-sam models`")
     parser.add_argument("--checkpoint", metavar="PATH",
                         help="checkpoint file (default: official one, downloaded once)")
+    parser.add_argument("--decoder-checkpoint", metavar="PATH",
+                        help="AIS decoder file (micro-sam's *_decoder.pt) for a --checkpoint "
+                             "without a decoder_state")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="image encoder precision")
 

@@ -95,7 +95,8 @@ def run(args) -> int:
 
     try:
         model = engine.build_sam(args.model, args.checkpoint, device=args.device,
-                                 precision=args.precision)
+                                 precision=args.precision,
+                                 decoder_checkpoint=args.decoder_checkpoint)
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         return fail(2, str(exc))
     except CheckpointDownloadError as exc:

@@ -142,7 +142,8 @@ def run(args) -> int:
     except Exception as exc:  # noqa: BLE001 - a corrupt file: say so, no traceback
         return fail(2, f"cannot read {args.input}: {type(exc).__name__}: {exc}")
     try:
-        model = engine.build_sam(args.model, args.checkpoint, device=args.device, precision=args.precision)
+        model = engine.build_sam(args.model, args.checkpoint, decoder_checkpoint=args.decoder_checkpoint,
+                                 device=args.device, precision=args.precision)
         params = {name: getattr(args, name) for name in GENERATOR_FLAGS}
         generator = SamAutomaticMaskGenerator(model, **params)
     except (ValueError, FileNotFoundError, CheckpointError) as exc:

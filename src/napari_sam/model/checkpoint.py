@@ -31,12 +31,20 @@ KEY_PREFIXES = ("module.", "sam.")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a state dict from ``path`` on the CPU without ever running pickled code.
+    """The model weights in ``path`` (see :func:`read_checkpoint`, which also returns an
+    AIS decoder state when the file holds one)."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """Load ``(sam_state, decoder_state)`` from ``path`` on the CPU without ever running
+    pickled code; ``decoder_state`` is micro-sam's AIS decoder (``"decoder_state"`` beside
+    ``"model_state"``, as micro-sam exports its models) or None.
 
     Accepts a plain state dict (the official files), one wrapped as ``{"model_state": …}``
-    / ``{"model": …}`` / ``{"state_dict": …}`` (extra entries such as an optimizer state or
-    micro-sam's ``"decoder_state"`` are ignored), with keys prefixed by ``module.`` (DDP) or
-    ``sam.`` (micro-sam training) when all of them are.
+    / ``{"model": …}`` / ``{"state_dict": …}`` (other entries such as an optimizer state
+    are ignored), with keys prefixed by ``module.`` (DDP) or ``sam.`` (micro-sam / torch_em
+    training) when all of them are.
 
     Raises:
         FileNotFoundError: no such file.
@@ -71,7 +79,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # noqa: BLE001 - garbage bytes fail in many ways inside torch.load
         # (RuntimeError, EOFError, BadZipFile, IndexError from the unpickler's stack…)
         raise _corrupt_error(path, exc) from None
-    return _unwrap_state_dict(obj, path)
+    decoder_state = None
+    if isinstance(obj, Mapping) and obj.get("decoder_state") is not None:
+        decoder_state = _unwrap_state_dict(obj["decoder_state"], path, what="decoder_state")
+    return _unwrap_state_dict(obj, path), decoder_state
 
 
 def _permission_error(path: Path) -> CheckpointError:
@@ -184,7 +195,7 @@ def _is_tensor_dict(obj) -> bool:
     return isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
+def _unwrap_state_dict(obj, path: Path, what: str = "") -> dict[str, torch.Tensor]:
     """The model weights inside a loaded checkpoint: unwrap known containers, strip prefixes."""
     for _ in range(len(WRAPPER_KEYS)):  # nested wrappers, e.g. {"state_dict": {"model": …}}
         if not isinstance(obj, Mapping) or _is_tensor_dict(obj):
@@ -199,10 +210,10 @@ def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
             got = f"a dict with non-tensor entries ({', '.join(others[:5])})" if others else "an empty dict"
         else:
             got = type(obj).__name__
-        raise CheckpointError(
-            f"expected {path} to hold a dict of tensors (a state dict, possibly under "
-            f"{' / '.join(repr(k) for k in WRAPPER_KEYS)}), got {got}"
-        )
+        where = f"its {what!r} entry" if what else "a dict of tensors (a state dict, possibly under " \
+            f"{' / '.join(repr(k) for k in WRAPPER_KEYS)})"
+        raise CheckpointError(f"expected {path} to hold {where}"
+                              f"{' to be a dict of tensors' if what else ''}, got {got}")
     state = dict(obj)
     stripped = True
     while stripped:

@@ -73,13 +73,15 @@ MODEL_CONFIGS: dict[str, SamConfig] = {
 
 
 def get_config(model_type: str) -> SamConfig:
-    """The registered config for ``model_type`` (one of ``MODEL_CONFIGS``)."""
-    try:
+    """The config for ``model_type``: an architecture of ``MODEL_CONFIGS`` or a model of
+    the zoo (``napari_sam.model.zoo``, e.g. "vit_b_lm": vit_b's config under that name)."""
+    if model_type in MODEL_CONFIGS:
         return MODEL_CONFIGS[model_type]
-    except KeyError:
-        raise ValueError(
-            f"expected model_type in {sorted(MODEL_CONFIGS)}, got {model_type!r}"
-        ) from None
+    from .zoo import ZOO, zoo_config
+
+    if model_type in ZOO:
+        return zoo_config(model_type)
+    raise ValueError(f"expected model_type in {list(ZOO)}, got {model_type!r}")
 
 
 def build_model(config: SamConfig):

@@ -48,6 +48,22 @@ class Sam(nn.Module):
         self.decoder_dtype: torch.dtype | None = None
         self.model_type = config.name
         self.checkpoint_sha256: str | None = None
+        self.set_instance_decoder(None)
+
+    def set_instance_decoder(self, decoder: nn.Module | None) -> None:
+        """Attach micro-sam's AIS decoder (``model.instance_decoder``; None: no AIS).
+
+        Kept outside the module tree so that ``state_dict()`` stays exactly SAM's (the
+        drop-in contract); it follows the model's ``.to(...)`` and stays in eval mode."""
+        if decoder is not None:
+            decoder = decoder.to(self.device).eval()
+        object.__setattr__(self, "instance_decoder", decoder)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if getattr(self, "instance_decoder", None) is not None:
+            self.instance_decoder._apply(fn, *args, **kwargs)
+        return self
 
     @property
     def device(self) -> torch.device:
