@@ -44,9 +44,28 @@ from .session import SamSession, real_viewer, session_for
 from .ui import fit_narrow_docks, scrolled_body, with_tip
 from .volume_panel import VolumePanel
 
-MODEL_CHOICES = (("vit_t", "vit_t — MobileSAM (fast on CPU)"), ("vit_b", "vit_b — SAM base"),
-                 ("vit_l", "vit_l — SAM large"), ("vit_h", "vit_h — SAM huge"))
 NEW_LABELS = "new layer: SAM labels"
+
+
+def fill_model_picker(combo: QComboBox) -> None:
+    """The zoo's models grouped under one (unselectable) header per imaging domain; each
+    entry's data is its name, its tooltip the one-line description."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtGui import QFont
+
+    from ..model.zoo import models_by_domain
+
+    for domain, models in models_by_domain():
+        combo.addItem(domain.capitalize(), None)
+        header = combo.model().item(combo.count() - 1)
+        header.setEnabled(False)
+        font = QFont(header.font())
+        font.setBold(True)
+        header.setFont(font)
+        for m in models:
+            combo.addItem(f"  {m.name}" + ("  · AIS" if m.has_decoder else ""), m.name)
+            combo.setItemData(combo.count() - 1, m.description, Qt.ItemDataRole.ToolTipRole)
+    combo.setCurrentIndex(combo.findData("vit_t"))
 
 
 class SegmentAnythingWidget(QWidget):
@@ -94,8 +113,7 @@ class SegmentAnythingWidget(QWidget):
         model_box = QGroupBox("Model")
         form = QFormLayout(model_box)
         self._model_type = QComboBox()
-        for value, text in MODEL_CHOICES:
-            self._model_type.addItem(text, value)
+        fill_model_picker(self._model_type)
         self._checkpoint = QLineEdit()
         self._checkpoint.setPlaceholderText("official weights (downloaded once)")
         browse = QPushButton("…")
@@ -109,8 +127,10 @@ class SegmentAnythingWidget(QWidget):
         self._load_button = QPushButton("Load model")
         self._load_button.clicked.connect(self._load_or_cancel)
         self._model_label = QLabel("no model loaded")
-        with_tip(self._model_type, "which SAM: vit_t (MobileSAM) is fast on a CPU; vit_b/l/h are larger "
-                                   "and slower, vit_h is the most accurate")
+        with_tip(self._model_type, "which model, grouped by imaging domain (hover an entry for what it "
+                                   "was trained on): vit_t models are fast on a CPU, vit_b/l/h larger and "
+                                   "slower; 'AIS' models also segment everything in seconds (Segment "
+                                   "Everything widget, mode AIS)")
         with_tip(self._checkpoint, "a local checkpoint file (.pth/.pt); empty: the official weights, "
                                    "downloaded once into the cache folder")
         with_tip(browse, "choose a checkpoint file")
@@ -272,7 +292,7 @@ class SegmentAnythingWidget(QWidget):
         ``wait=False`` loads in a worker (the button does) and returns the worker; a
         failure (offline, bad file) reaches the status line and a notification."""
         from .. import engine
-        from ..engine.weights import CHECKPOINTS, download_job
+        from ..engine.weights import CHECKPOINTS, model_files_job
 
         model_type = model_type or self._model_type.currentData()
         checkpoint = checkpoint or (self._checkpoint.text().strip() or None)
@@ -282,12 +302,14 @@ class SegmentAnythingWidget(QWidget):
         build = engine.build_sam  # looked up now: tests replace it
 
         def job(cancel):
-            path = checkpoint
-            if path is None and model_type in CHECKPOINTS:  # official weights: fetched once
-                path = yield from download_job(model_type, cancel)
-                if path is None:
+            path, decoder = checkpoint, None
+            if path is None and model_type in CHECKPOINTS:  # published weights: fetched once
+                paths = yield from model_files_job(model_type, cancel)  # + its AIS decoder
+                if paths is None:
                     return None  # cancelled
-            return build(model_type, checkpoint=path, device=device, precision=precision)
+                path, decoder = paths
+            return build(model_type, checkpoint=path, device=device, precision=precision,
+                         decoder_checkpoint=decoder)
 
         def done(model):
             if model is not None:
@@ -304,7 +326,7 @@ class SegmentAnythingWidget(QWidget):
     def _on_download(self, progress) -> None:
         """A :class:`~napari_sam.engine.weights.DownloadProgress`: size and speed in the
         activity dock (KiB) and on the status line."""
-        self.loader.activity(progress.done_bytes >> 10, max(progress.total_bytes >> 10, 1),
+        self.loader.activity(progress.done_bytes >> 10, progress.total_bytes >> 10,  # 0: unknown
                              f"SAM: downloading {progress.describe()}")
         self.segmenter.report(f"downloading {progress.describe()} (Cancel loading stops it)")
 
