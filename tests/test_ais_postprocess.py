@@ -381,3 +381,7 @@ def test_map_validation():
         seed_markers(fg, center, boundary, connectivity=3)
     with pytest.raises(ValueError, match="expected foreground_threshold"):
         seed_markers(fg, center, boundary, foreground_threshold=2)
+    with pytest.raises(ValueError, match="expected sigma a finite number > 0, got 0"):
+        smooth(fg, 0)
+    with pytest.raises(ValueError, match="expected image of shape \\(H, W\\)"):
+        smooth(fg[None], 1.0)
