@@ -303,7 +303,7 @@ def instances_from_decoder_outputs(
     labels = _flood(boundary_distances, markers, fg_mask)
     if params.min_size > 0:
         labels = _remove_small(labels, params.min_size)
-    return labels.astype(np.uint32, copy=False)
+    return labels.view(np.uint32)  # ids >= 0: same bits
 
 
 def _remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
@@ -320,22 +320,23 @@ _NO_KEY = np.uint32(0xFFFFFFFF)  # "no neighbour here": above every height key
 
 
 def _height_keys(heights: np.ndarray) -> np.ndarray:
-    """(…) uint32 sort keys: float32 bits << 2, order-preserving for heights in [0, 1]
-    (< 2**30 as bits), with two free low bits for a neighbour's direction."""
+    """(…) uint32 sort keys: float32 bits << 2, order-preserving for heights in [0, 2)
+    (bits < 2**30; smoothing [0, 1] maps may overshoot 1 by a rounding error), with two
+    free low bits for a neighbour's direction."""
     return (heights + np.float32(0)).view(np.uint32) << np.uint32(2)  # + 0: -0.0 -> +0.0
 
 
-def _lowest_neighbours(framed: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+def _lowest_neighbours(framed: np.ndarray, nodes: np.ndarray, pixels: np.ndarray) -> np.ndarray:
     """(N,) uint32: least key among the 4-neighbours of ``nodes`` (flat indices into the
-    framed key image ``framed``, (H + 2) x (W + 2)), its direction (0 up, 1 down, 2 left,
-    3 right) in the low two bits; ties go to the first direction."""
+    framed key image ``framed``, (H + 2) x (W + 2); ``pixels``: the same in (H, W)), its
+    direction (0 up, 1 down, 2 left, 3 right) in the low two bits; ties go to the first."""
     stride = framed.shape[1]
     if nodes.size > framed.size // 3:  # dense: whole shifted images beat four gathers
         low = framed[:-2, 1:-1] | np.uint32(0)
         np.minimum(low, framed[2:, 1:-1] | np.uint32(1), out=low)
         np.minimum(low, framed[1:-1, :-2] | np.uint32(2), out=low)
         np.minimum(low, framed[1:-1, 2:] | np.uint32(3), out=low)
-        return low.ravel()[_pixel_of(nodes, stride)]
+        return low.ravel()[pixels]
     flat = framed.ravel()
     low = flat[nodes - stride]
     for direction, offset in ((1, stride), (2, -1), (3, 1)):
@@ -391,23 +392,26 @@ def _flood(heights: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.nda
     if not pixels.size:
         return np.zeros((height, width), np.int32)
     nodes = pixels + 2 * (pixels // width) + width + 3  # the same pixels in the framed image
-    lowest = _lowest_neighbours(framed, nodes)
+    lowest = _lowest_neighbours(framed, nodes, pixels)
     own = keys.ravel()[pixels]
     flat_markers = markers.ravel()
     free = flat_markers[pixels] == 0
     descends = np.flatnonzero((lowest < own) & free)
     parent = np.arange(height * width, dtype=np.int64)
     movers = pixels[descends]
-    parent[movers] += np.array([-width, width, -1, 1])[lowest[descends] & np.uint32(3)]
+    parent[movers] = movers + np.array([-width, width, -1, 1])[lowest[descends] & np.uint32(3)]
     flat = np.flatnonzero(free & (lowest >> np.uint32(2) == own >> np.uint32(2)))  # plateaus
     if flat.size:
         movers = np.concatenate([movers, _cross_plateaus(parent, framed, nodes[flat])])
-    first_parent = parent.copy()  # (stage 2 needs the immediate parents of pit pixels)
+    first_parent = parent[pixels]  # (stage 2 needs the immediate parents of pit pixels)
     _to_roots(parent, movers)
-    labels = flat_markers[parent]  # 0 outside the mask and where a chain ends in a pit
-    pits = pixels[labels[pixels] == 0]
-    if pits.size:
-        _fill_catchments(heights.ravel(), mask, labels, parent, first_parent, pits, framed, flat_markers)
+    labels = np.zeros(height * width, np.int32)
+    labels[pixels] = flat_markers[parent[pixels]]  # 0 where a chain ends in a pit
+    pits = labels[pixels] == 0
+    if pits.any():
+        first = parent.copy()
+        first[pixels] = first_parent
+        _fill_catchments(heights.ravel(), mask, labels, parent, first, pixels[pits], framed, flat_markers)
     return labels.reshape(height, width)
 
 
@@ -541,7 +545,7 @@ def _fill_catchments(heights, mask, labels, parent, first_parent, pits, framed, 
         framed_level = framed.copy()
         pit_nodes = pits + 2 * (pits // width) + stride + 1
         framed_level.ravel()[pit_nodes] = _height_keys(flood_level[pits])
-        lowest = _lowest_neighbours(framed_level, pit_nodes[slope])
+        lowest = _lowest_neighbours(framed_level, pit_nodes[slope], pits[slope])
         down = lowest < _height_keys(flood_level[pits[slope]])
         step = np.array([-width, width, -1, 1])[lowest & np.uint32(3)]
         # R = height on the slope, so its steepest neighbour (R = max(height, lake level))
