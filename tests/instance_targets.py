@@ -8,7 +8,8 @@ Two functions, numpy and scipy/scikit-image only (no micro-sam needed):
   to predict for a label image (foreground, distance to the object centre, inverted distance
   to the object boundary), computed as micro-sam's training targets are: torch_em's
   ``PerObjectDistanceTransform(distances=True, boundary_distances=True,
-  directed_distances=False, foreground=True)`` (micro_sam/training). Feeding them to the AIS
+  directed_distances=False, foreground=True)`` (micro_sam/training; its ``min_size``, which
+  drops small objects first, is taken as 0: filter the labels beforehand). Feeding them to the AIS
   post-processing is an "oracle decoder"; tests/test_ais_postprocess.py checks they equal
   torch_em's transform where micro-sam is installed.
 """

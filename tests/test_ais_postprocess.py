@@ -3,7 +3,8 @@
 micro-sam (test-only, scripts/setup_env.sh --testing) turns its decoder's three maps into
 instances with ``InstanceSegmentationWithDecoder.generate`` (bioimage_cpp's filters,
 labelling and watershed). We feed both the same maps and ask for the same instance set:
-same count, every instance matched one-to-one with IoU >= 0.99. The maps are (a) what a
+same count, matched one-to-one, nearly all instances at IoU >= 0.99 (see
+assert_same_instances for why not all, and the measured bounds). The maps are (a) what a
 perfect decoder outputs for a known label image (tests/instance_targets.py, checked equal
 to torch_em's training targets), where both must also recover the known cells, (b) smooth
 random fields, (c) the same with non-default parameters. Tests without micro-sam check our
