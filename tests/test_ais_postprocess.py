@@ -23,12 +23,12 @@ from skimage.segmentation import watershed
 
 from napari_sam.engine.instance_segmentation import (
     AisParameters,
-    _flood,
-    _flood_lakes,
     instances_from_decoder_outputs,
     seed_markers,
     smooth,
 )
+from napari_sam.engine.watershed import _flood_lakes
+from napari_sam.engine.watershed import seeded_watershed as _flood
 
 
 def import_micro_sam_instance_segmentation():
