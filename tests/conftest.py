@@ -119,8 +119,11 @@ def patch_build_sam(monkeypatch, model):
 
     calls = []
 
-    def fake_build_sam(model_type, checkpoint=None, device=None, precision="auto"):
+    def fake_build_sam(model_type, checkpoint=None, device=None, precision="auto",
+                       decoder_checkpoint=None):
         calls.append((model_type, checkpoint, device, precision))
+        if decoder_checkpoint is not None:
+            calls[-1] += (decoder_checkpoint,)
         return model
 
     monkeypatch.setattr(napari_sam.engine, "build_sam", fake_build_sam)

@@ -181,3 +181,55 @@ class OracleSam:
         t = torch.from_numpy(mask.astype(np.float32))[None, None]
         frac = F.avg_pool2d(t, 4)[0, 0]
         return (frac - 0.5) * 20.0
+
+
+class OracleInstanceDecoder:
+    """The oracle's AIS decoder: ``(features, input_size, original_size) -> (1, 3, H, W)``
+    perfect maps (:func:`instance_targets.decoder_targets_from_labels`) of the objects of
+    the encoded image — each connected region of one non-zero intensity is an object —
+    cropped to ``input_size`` and resized (nearest) to ``original_size`` as the real
+    decoder's output is. Wrong crops, resizes or planes give maps of the wrong objects."""
+
+    def __init__(self, oracle: OracleSam) -> None:
+        self.oracle = oracle
+        self.calls = 0
+
+    def __call__(self, features, input_size, original_size) -> torch.Tensor:
+        from instance_targets import decoder_targets_from_labels
+
+        self.calls += 1
+        img = self.oracle._image(features)[: input_size[0], : input_size[1]]
+        objects = np.zeros(img.shape, np.int32)
+        intensity = [0.0]  # per object id
+        values = np.unique(np.round(img[img > TOLERANCE]))
+        for value in values:  # one intensity: the connected regions of its interior are objects
+            # (eroded: a run of one value along a blurred edge is no object)
+            interior = ndimage.binary_erosion(np.abs(img - value) <= 0.5, np.ones((3, 3), bool))
+            pieces, n = ndimage.label(interior)
+            for k in range(1, n + 1):
+                objects[pieces == k] = len(intensity)
+                intensity.append(float(value))
+        # resizing blurred the borders: a border pixel at least half as bright as the nearest
+        # object belongs to it (the edge of a blurred step is where it crosses half height)
+        from skimage.segmentation import expand_labels
+
+        grown = expand_labels(objects, distance=3)
+        objects = np.where(img >= 0.5 * np.asarray(intensity)[grown], grown, 0)
+        objects[img <= TOLERANCE] = 0
+        h, w = original_size
+        rows = np.minimum((np.arange(h) + 0.5) * img.shape[0] / h, img.shape[0] - 1).astype(int)
+        cols = np.minimum((np.arange(w) + 0.5) * img.shape[1] / w, img.shape[1] - 1).astype(int)
+        maps = decoder_targets_from_labels(objects[np.ix_(rows, cols)])
+        return torch.from_numpy(np.stack(maps))[None]
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def eval(self):
+        return self
+
+
+def with_instance_decoder(oracle: OracleSam) -> OracleSam:
+    """``oracle`` with an AIS decoder (``oracle.instance_decoder``), e.g. for mode "ais"."""
+    oracle.instance_decoder = OracleInstanceDecoder(oracle)
+    return oracle

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import patch_build_sam
 from oracle import OracleSam
 from test_store import snapshot
 
-from conftest import patch_build_sam
 from napari_sam.cli import main
 from napari_sam.engine.store import EmbeddingStore, StoreWriteError, read_store_info
 
@@ -40,6 +40,27 @@ def random_vit_t_checkpoint(tmp_path_factory) -> Path:
         torch.save(build_model(get_config("vit_t")).state_dict(), path)
         _CHECKPOINTS["vit_t"] = path
     return _CHECKPOINTS["vit_t"]
+
+
+def random_vit_t_ais_checkpoint(tmp_path_factory) -> Path:
+    """The random vit_t of :func:`random_vit_t_checkpoint` with an AIS decoder, saved as
+    micro-sam exports (``{"model_state": …, "decoder_state": …}``). Random decoder maps are
+    mush with thousands of seeds (minutes of APG), so its last conv is flat: all
+    foreground, one seed everywhere -> one object per slice whatever the image."""
+    if "vit_t_ais" not in _CHECKPOINTS:
+        from sam_factory import perturb_
+
+        from napari_sam.model.instance_decoder import InstanceDecoder
+
+        sam_state = torch.load(random_vit_t_checkpoint(tmp_path_factory), weights_only=True)
+        decoder = perturb_(InstanceDecoder(256, 1024, transposed=True), seed=3)
+        with torch.no_grad():
+            decoder.out_conv.weight.zero_()
+            decoder.out_conv.bias.copy_(torch.tensor([6.0, -6.0, -6.0]))
+        path = tmp_path_factory.mktemp("ckpt") / "random_vit_t_ais.pt"
+        torch.save({"model_state": sam_state, "decoder_state": decoder.state_dict()}, path)
+        _CHECKPOINTS["vit_t_ais"] = path
+    return _CHECKPOINTS["vit_t_ais"]
 
 
 @pytest.fixture

@@ -2,7 +2,8 @@
 
 Every ``napari-sam …`` command of README.md (code blocks and inline code) runs in a fresh
 process from the venv, in a folder holding small generated images under the README's file
-names, with ``--checkpoint`` of a random-weight vit_t checkpoint appended (no download). To keep
+names, with ``--checkpoint`` of a random-weight vit_t checkpoint appended (no download; with an AIS
+decoder for micro-sam's models such as vit_t_lm). To keep
 the test short, ``napari-sam everything`` also gets ``--points-per-side 4`` appended (the
 last value wins; the grid itself is tested in test_cli_everything.py): the default 32 x 32
 grid decodes 1024 prompts per slice, over a minute on two CPU cores.
@@ -17,7 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from test_cli_embed import NAPARI_SAM, napari_sam, random_vit_t_checkpoint
+from test_cli_embed import (
+    NAPARI_SAM,
+    napari_sam,
+    random_vit_t_ais_checkpoint,
+    random_vit_t_checkpoint,
+)
+
+from napari_sam.model.zoo import zoo_model
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -81,7 +89,10 @@ def test_readme_command_runs_as_written(command, tmp_path, tmp_path_factory):
                 assert name in INPUTS, f"README input {name!r}: add it to INPUTS"
                 tifffile.imwrite(tmp_path / name, INPUTS[name]())
     if "--help" not in argv:
-        argv += ["--checkpoint", str(random_vit_t_checkpoint(tmp_path_factory))]
+        model = argv[argv.index("--model") + 1] if "--model" in argv else "vit_b"
+        with_decoder = zoo_model(model).has_decoder  # micro-sam's: with its AIS decoder
+        checkpoint = (random_vit_t_ais_checkpoint if with_decoder else random_vit_t_checkpoint)
+        argv += ["--checkpoint", str(checkpoint(tmp_path_factory))]
         if argv[1] == "everything":
             argv += ["--points-per-side", "4"]
     result = napari_sam(*argv[1:], cwd=tmp_path, timeout=120)

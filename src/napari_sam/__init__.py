@@ -2,8 +2,9 @@
 
 Scripting entry points::
 
-    from napari_sam import build_sam, SamPredictor
+    from napari_sam import build_sam, SamPredictor, SamInstanceSegmenter
     predictor = SamPredictor(build_sam("vit_t"))
+    labels = SamInstanceSegmenter(build_sam("vit_b_lm")).segment(image).labels  # AIS
 
 Code written for ``segment_anything`` runs with its imports changed (``sam_model_registry``,
 ``SamPredictor``, ``SamAutomaticMaskGenerator``, ``napari_sam.utils.transforms``): see
@@ -20,11 +21,15 @@ except PackageNotFoundError:  # running from a source tree
 # Imported on first use (PEP 562): ``napari-sam --help`` and Ctrl-C during start-up must not
 # wait for torch; ``from napari_sam import build_sam`` works as usual.
 _LAZY = {
+    "AisParameters": ".engine.instance_segmentation",
+    "ApgParameters": ".engine.prompt_generation",
     "CheckpointDownloadError": ".engine.weights",
     "CheckpointError": ".model.checkpoint",
     "EmbeddingStore": ".engine",
     "ImageEmbedding": ".engine",
+    "InstanceSegmentation": ".engine.instances",
     "SamAutomaticMaskGenerator": ".engine.automatic",
+    "SamInstanceSegmenter": ".engine.instances",
     "SamPredictor": ".engine",
     "build_sam": ".engine",
     "build_sam_vit_b": ".compat",

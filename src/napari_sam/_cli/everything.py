@@ -1,5 +1,9 @@
 """napari-sam everything INPUT -o LABELS.tif: segment everything, without a viewer.
 
+--mode ais (the default for models with an instance decoder, e.g. --model vit_b_lm):
+micro-sam's automatic instance segmentation, seconds per slice on a CPU; apg: prompts from
+that decoder, decoded by SAM; amg (the default otherwise): SAM's point grid, slow on a CPU.
+
 INPUT is a 2D image ((H, W) grayscale or (H, W, 3|4) colour) or a stack ((N, H, W) or
 (N, H, W, 3|4)) in .tif/.tiff, .png/.jpg, .npy or .zarr. A stack is segmented slice by
 slice and objects overlapping in consecutive slices share one id (--link-iou). The output
@@ -21,12 +25,17 @@ from pathlib import Path
 import numpy as np
 
 from . import add_model_arguments, cli_wording
-from .files import (check_image_size, check_writable_folder, read_stack, refuse_overlap,
-                    write_atomic)
+from .files import (
+    check_image_size,
+    check_writable_folder,
+    read_stack,
+    refuse_overlap,
+    write_atomic,
+)
 
 OUTPUT_SUFFIXES = (".tif", ".tiff", ".npy")
 
-# flag: (type, default, help) — the generator's own parameters and defaults
+# flag: (type, default, help) — the generator's own parameters and defaults (--mode amg)
 GENERATOR_FLAGS = {
     "points_per_side": (int, 32, "grid points per image side"),
     "points_per_batch": (int, 64, "prompts decoded together"),
@@ -42,6 +51,25 @@ GENERATOR_FLAGS = {
 }
 
 
+# --mode ais / apg: (type, help); defaults are the engine's (micro-sam's)
+AIS_FLAGS = {
+    "center_distance_threshold": (float, "seeds: predicted centre distance below this"),
+    "boundary_distance_threshold": (float, "seeds: predicted boundary distance below this"),
+    "foreground_threshold": (float, "foreground: predicted probability above this"),
+    "foreground_smoothing": (float, "ais: Gaussian sigma for the foreground map"),
+    "distance_smoothing": (float, "ais: Gaussian sigma for the distance maps"),
+}
+APG_FLAGS = {
+    "nms_threshold": (float, "apg: mask overlap above which the worse mask is dropped"),
+    "batch_size": (int, "apg: prompts decoded together"),
+}
+APG_SWITCHES = {
+    "multimasking": "apg: SAM picks the best of three masks per prompt",
+    "intersection_over_min": "apg: overlap over the smaller mask instead of the union",
+    "refine_with_box_prompts": "apg: decode again with boxes around the first masks",
+}
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "everything",
@@ -52,16 +80,37 @@ def add_parser(subparsers) -> None:
     p.add_argument("input", help="image or stack: .tif/.tiff, .png/.jpg, .npy or .zarr")
     p.add_argument("-o", "--output", required=True, help="output label image (.tif/.tiff or .npy)")
     add_model_arguments(p)
+    p.add_argument("--mode", default="auto", choices=("auto", "ais", "apg", "amg"),
+                   help="ais: instance decoder + watershed; apg: decoder prompts + SAM; amg: SAM "
+                        "point grid; auto (default): ais if the model has a decoder, else amg")
+    from ..engine.instance_segmentation import AisParameters
+    from ..engine.prompt_generation import ApgParameters
+
+    ais, apg = AisParameters(), ApgParameters()
+    for name, (kind, help_text) in AIS_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(ais, name),
+                       help=f"{help_text} (default {getattr(ais, name):.4g})")
+    for name, (kind, help_text) in APG_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(apg, name),
+                       help=f"{help_text} (default {getattr(apg, name):.4g})")
+    for name, help_text in APG_SWITCHES.items():
+        p.add_argument("--" + name.replace("_", "-"), action="store_true", help=help_text)
     for name, (kind, default, help_text) in GENERATOR_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=default,
                        help=f"{help_text} (default {default:.4g})")
-    p.add_argument("--min-size", type=int, default=0, help="drop objects with fewer visible pixels")
+    p.add_argument("--min-size", type=int, default=None,
+                   help=f"drop smaller objects (pixels; default: {ais.min_size} for ais and amg, "
+                        f"{apg.min_size} for apg, as micro-sam)")
     p.add_argument("--link-iou", type=float, default=0.25,
                    help="stack: IoU for objects of consecutive slices to share an id")
     p.add_argument("--rgb", default="auto", choices=("auto", "yes", "no"),
                    help="is a last axis of size 3 or 4 colour? (auto: yes)")
     p.add_argument("--contrast-limits", nargs=2, type=float, metavar=("LOW", "HIGH"),
                    help="map LOW..HIGH to 0..255 (default: robust percentiles, one pair for a whole stack)")
+    p.add_argument("--store", metavar="PATH",
+                   help="embedding store of INPUT made by `napari-sam embed` (same model): "
+                        "slices stored there are not encoded again (ais/apg then need no "
+                        "encoder at all); missing slices are encoded and added")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -113,6 +162,28 @@ def write_labels(output: Path, labels: np.ndarray) -> None:
         write_atomic(output, lambda f: tifffile.imwrite(f, labels, compression="zlib"))
 
 
+def make_segmenter(model, mode: str, args):
+    """The engine's SamInstanceSegmenter for ``mode`` and the command line's parameters."""
+    import dataclasses
+
+    from ..engine.instance_segmentation import AisParameters
+    from ..engine.instances import SamInstanceSegmenter
+    from ..engine.prompt_generation import ApgParameters
+
+    seeds = {name: getattr(args, name) for name in AIS_FLAGS}
+    if mode == "ais":
+        size = {} if args.min_size is None else {"min_size": args.min_size}
+        return SamInstanceSegmenter(model, "ais", ais=dataclasses.replace(AisParameters(), **seeds, **size))
+    if mode == "apg":
+        values = {k: v for k, v in seeds.items() if k not in ("foreground_smoothing", "distance_smoothing")}
+        values.update({name: getattr(args, name) for name in (*APG_FLAGS, *APG_SWITCHES)})
+        if args.min_size is not None:
+            values["min_size"] = args.min_size
+        return SamInstanceSegmenter(model, "apg", apg=dataclasses.replace(ApgParameters(), **values))
+    params = {name: getattr(args, name) for name in GENERATOR_FLAGS}
+    return SamInstanceSegmenter(model, "amg", amg=params, amg_min_size=args.min_size or 0)
+
+
 def run(args) -> int:
     def fail(code: int, message: str) -> int:
         print(f"napari-sam everything: error: {cli_wording(message)}", file=sys.stderr)
@@ -127,7 +198,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from .. import engine
-    from ..engine.automatic import SamAutomaticMaskGenerator, segment_stack
+    from ..engine.instances import default_mode
     from ..engine.stack import StackView, volume_contrast_limits
     from ..engine.weights import CheckpointDownloadError
     from ..model.checkpoint import CheckpointError
@@ -144,15 +215,28 @@ def run(args) -> int:
     try:
         model = engine.build_sam(args.model, args.checkpoint, decoder_checkpoint=args.decoder_checkpoint,
                                  device=args.device, precision=args.precision)
-        params = {name: getattr(args, name) for name in GENERATOR_FLAGS}
-        generator = SamAutomaticMaskGenerator(model, **params)
+        segmenter = make_segmenter(model, args.mode if args.mode != "auto" else default_mode(model), args)
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         return fail(2, str(exc))
     except CheckpointDownloadError as exc:
         return fail(1, str(exc))
 
-    job = segment_stack(generator, stack, contrast_limits=limits, link_iou=args.link_iou, min_size=args.min_size)
-    bar = tqdm(total=0, unit="step", desc="everything", disable=args.quiet, file=sys.stderr)
+    embedding_for = None
+    if args.store:
+        from ..engine.store import EmbeddingStore, StoreError, StoreMismatchError
+
+        try:  # the store's normalisation, unless given: its embeddings were made with it
+            store = EmbeddingStore.open(args.store, stack, model, contrast_limits=limits or "stored")
+        except StoreMismatchError as exc:
+            return fail(2, f"store {args.store} was made for a different {exc.details}: use the "
+                           "model and input it was made with, or another --store")
+        except (ValueError, StoreError) as exc:
+            return fail(2, str(exc))
+        limits, embedding_for = store.contrast_limits, store.embedding
+    job = segmenter.stack_job(stack, contrast_limits=limits, link_iou=args.link_iou,
+                              embedding_for=embedding_for)
+    bar = tqdm(total=0, unit="step", desc=f"everything ({segmenter.mode})", disable=args.quiet,
+               file=sys.stderr)
     try:
         with bar:
             while True:
@@ -166,6 +250,8 @@ def run(args) -> int:
                 bar.update(step.done - bar.n)
     except ValueError as exc:
         return fail(2, str(exc))
+    except RuntimeError as exc:  # e.g. a store that cannot be read or written (StoreError)
+        return fail(1, str(exc))
     labels = labels[0] if single else labels
     dtype = np.uint16 if labels.max(initial=0) <= np.iinfo(np.uint16).max else np.uint32
     try:
@@ -173,6 +259,6 @@ def run(args) -> int:
     except OSError as exc:
         return fail(1, f"cannot write {output}: {exc.strerror or exc}; an earlier file there "
                        "is unchanged")
-    n = len(np.unique(labels)) - (labels.min(initial=0) == 0)
+    n = int(np.count_nonzero(np.unique(labels)))
     print(f"{n} objects in {output} ({labels.shape}, {np.dtype(dtype).name})", file=sys.stderr)
     return 0

@@ -1,13 +1,17 @@
-"""The "Segment Everything" dock widget: SAM's automatic masks into a Labels layer.
+"""The "Segment Everything" dock widget: every object of an image or stack into a Labels layer.
 
-A first pass over a whole image or stack, to correct afterwards with the interactive
-"Segment Anything" widget (same session: same model, same cached embeddings).
+Three modes (``engine.instances``): **AIS** (micro-sam's instance decoder + watershed, seconds
+per slice; the default for models with a decoder, e.g. vit_b_lm), **APG** (prompts derived
+from that decoder, decoded by SAM) and **AMG** (SAM's point grid; any model, slow on a CPU).
+A first pass, to correct afterwards with the interactive "Segment Anything" widget (same
+session: same model, same cached or stored embeddings — AIS and APG never encode again).
 Everything it does is also a method, for scripts and notebooks::
 
-    widget = SegmentEverythingWidget(viewer)     # or add_plugin_dock_widget("napari-sam", "Segment Everything")
-    widget.session.load_model("vit_t")            # shared with the interactive widget
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Everything")
+    widget.session.load_model("vit_b_lm")         # shared with the interactive widget
     widget.set_image_layer(viewer.layers["cells"])
-    widget.set_params(points_per_side=32, pred_iou_thresh=0.86)
+    widget.set_mode("ais")                        # "ais" | "apg" | "amg"
+    widget.set_params(center_distance_threshold=0.4, min_size=20)
     labels = widget.run(scope="stack", wait=True)  # -> the Labels layer written
 
 ``scope="slice"`` segments the slice the viewer shows; ``"stack"`` every slice along the
@@ -22,47 +26,97 @@ A cancelled run writes nothing; inputs are read on the GUI thread when the run s
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from napari.layers import Image, Labels
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
-    QGroupBox,
     QHBoxLayout,
     QLabel,
     QProgressBar,
     QPushButton,
-    QSpinBox,
     QWidget,
 )
 
-from ..engine.automatic import Progress, SamAutomaticMaskGenerator, run_to_end, segment_stack
-from ..engine.label_image import masks_to_label_image
+from ..engine.automatic import Progress, run_to_end
+from ..engine.instance_segmentation import AisParameters
+from ..engine.instances import MODES, SamInstanceSegmenter, default_mode
+from ..engine.prompt_generation import ApgParameters
 from .geometry import PlaneError, base_data, current_plane, plane_pixels
 from .jobs import JobRunner
 from .labels_io import LabelsWriteError, new_labels_layer, write_objects
 from .lifetime import on_close
+from .param_form import ParamForm
 from .prompt_layers import preferred_image, refill_layer_combos
-from .session import SamSession, SliceEmbeddings, contrast_limits_of, real_viewer, session_for
+from .session import (
+    SamSession,
+    SliceEmbeddings,
+    contrast_limits_of,
+    real_viewer,
+    session_for,
+)
 from .ui import fit_narrow_docks, scrolled_body
 
 NEW_LABELS = "new layer: SAM everything"
 SCOPES = (("slice", "current slice"), ("stack", "whole stack (z or t), linked"))
 
-# name: (default, minimum, maximum, step or None for ints, help)
-PARAMS = {
-    "points_per_side": (32, 1, 128, None, "grid of points per image side (32 x 32 = 1024 prompts)"),
-    "points_per_batch": (64, 1, 1024, None, "prompts decoded together (memory vs speed)"),
-    "pred_iou_thresh": (0.88, 0.0, 1.0, 0.01, "keep masks whose predicted quality is above this"),
-    "stability_score_thresh": (0.95, 0.0, 1.0, 0.01, "keep masks that stay the same when the cut-off moves"),
-    "box_nms_thresh": (0.7, 0.0, 1.0, 0.05, "drop a mask whose box overlaps a better one more than this"),
-    "crop_n_layers": (0, 0, 3, None, "also run on 2^n x 2^n zoomed crops (finds small objects; slower)"),
-    "min_mask_region_area": (0, 0, 100000, None, "fill holes / drop islands smaller than this (pixels)"),
-    "min_size": (0, 0, 100000, None, "drop objects with fewer visible pixels in the label image"),
-    "link_iou": (0.25, 0.01, 1.0, 0.05, "stack: objects of neighbouring slices overlapping this much share an id"),
+MODE_CHOICES = (("ais", "AIS: instance decoder (seconds)"), ("apg", "APG: decoder prompts + SAM"),
+                ("amg", "AMG: SAM point grid (slow on CPU)"))
+MODE_TIPS = {
+    "ais": "automatic instance segmentation (micro-sam): the model's instance decoder predicts "
+           "foreground and distances, a watershed separates the objects. Needs a model with a "
+           "decoder (the 'AIS' entries, e.g. vit_b_lm); seconds per slice on a CPU",
+    "apg": "automatic prompt generation (micro-sam): points at the decoder's object centres, "
+           "decoded by SAM; often sharper outlines than AIS, slower. Needs a model with a decoder",
+    "amg": "SAM's automatic mask generator: a grid of point prompts; any model, minutes per "
+           "slice on a CPU",
 }
+
+# name: (minimum, maximum, step or None for ints, help); defaults come from the engine
+AMG_DEFAULTS = {"points_per_side": 32, "points_per_batch": 64, "pred_iou_thresh": 0.88,
+                "stability_score_thresh": 0.95, "box_nms_thresh": 0.7, "crop_n_layers": 0,
+                "min_mask_region_area": 0, "min_size": 0}
+AMG_SPEC = {
+    "points_per_side": (1, 128, None, "grid of points per image side (32 x 32 = 1024 prompts)"),
+    "points_per_batch": (1, 1024, None, "prompts decoded together (memory vs speed)"),
+    "pred_iou_thresh": (0.0, 1.0, 0.01, "keep masks whose predicted quality is above this"),
+    "stability_score_thresh": (0.0, 1.0, 0.01, "keep masks that stay the same when the cut-off moves"),
+    "box_nms_thresh": (0.0, 1.0, 0.05, "drop a mask whose box overlaps a better one more than this"),
+    "crop_n_layers": (0, 3, None, "also run on 2^n x 2^n zoomed crops (finds small objects; slower)"),
+    "min_mask_region_area": (0, 100000, None, "fill holes / drop islands smaller than this (pixels)"),
+    "min_size": (0, 100000, None, "drop objects with fewer visible pixels in the label image"),
+}
+_SEEDS = {
+    "center_distance_threshold": (0.0, 1.0, 0.05, (
+        "seeds: pixels whose predicted distance to their object's centre (0 = centre, 1 = "
+        "edge) is below this; lower = fewer, surer seeds")),
+    "boundary_distance_threshold": (0.0, 1.0, 0.05, (
+        "seeds: pixels whose predicted boundary map (0 = deep inside, 1 = on the boundary) "
+        "is below this; lower = fewer seeds")),
+    "foreground_threshold": (0.0, 1.0, 0.05, (
+        "pixels with a predicted object probability above this belong to objects")),
+}
+AIS_SPEC = {
+    **_SEEDS,
+    "foreground_smoothing": (0.0, 10.0, 0.1, "Gaussian sigma (pixels) smoothing the foreground map; 0: none"),
+    "distance_smoothing": (0.0, 10.0, 0.1, "Gaussian sigma (pixels) smoothing the distance maps"),
+    "min_size": (0, 100000, None, "drop objects smaller than this (pixels)"),
+}
+APG_SPEC = {
+    **_SEEDS,
+    "min_size": (0, 100000, None, "drop objects smaller than this (pixels)"),
+    "nms_threshold": (0.0, 1.0, 0.05, "drop a mask overlapping a better one more than this"),
+    "batch_size": (1, 1024, None, "prompts decoded together (memory vs speed)"),
+    "multimasking": (None, None, None, "let SAM choose the best of three masks per prompt"),
+    "intersection_over_min": (None, None, None, "overlap measured over the smaller mask, not the union"),
+    "refine_with_box_prompts": (None, None, None, "decode again with boxes around the first masks"),
+}
+LINK_IOU = (0.25, 0.01, 1.0, 0.05, "stack: objects of neighbouring slices overlapping this much share an id")
 
 
 class _PlaneStack:
@@ -103,7 +157,7 @@ class SegmentEverythingWidget(QWidget):
         self._show_model(self.session.model)
 
     # ------------------------------------------------------------------ UI
-    def showEvent(self, event) -> None:  # noqa: N802 - Qt's name
+    def showEvent(self, event) -> None:
         """Once styled (fonts known), make the dock wide enough for every control."""
         super().showEvent(event)
         fit_narrow_docks(self)
@@ -132,22 +186,27 @@ class SegmentEverythingWidget(QWidget):
         data.addRow("", self._overwrite)
         layout.addLayout(data)
 
-        box = QGroupBox("Parameters")
-        form = QFormLayout(box)
-        self._fields: dict[str, QSpinBox | QDoubleSpinBox] = {}
-        for name, (default, lo, hi, step, help_text) in PARAMS.items():
-            field = QSpinBox() if step is None else QDoubleSpinBox()
-            if step is not None:
-                field.setDecimals(2)
-                field.setSingleStep(step)
-            field.setRange(lo, hi)
-            field.setValue(default)
-            field.setToolTip(help_text)
-            label = QLabel(name.replace("_", " "))
-            label.setToolTip(help_text)
-            form.addRow(label, field)
-            self._fields[name] = field
-        layout.addWidget(box)
+        self._mode = QComboBox()
+        for value, text in MODE_CHOICES:
+            self._mode.addItem(text, value)
+            self._mode.setItemData(self._mode.count() - 1, MODE_TIPS[value], Qt.ItemDataRole.ToolTipRole)
+        self._mode.setToolTip("how objects are found; hover an entry for details")
+        self._link_iou = QDoubleSpinBox()
+        self._link_iou.setRange(*LINK_IOU[1:3])
+        self._link_iou.setSingleStep(LINK_IOU[3])
+        self._link_iou.setValue(LINK_IOU[0])
+        self._link_iou.setToolTip(LINK_IOU[4])
+        data.addRow("Mode", self._mode)
+        data.addRow("Link IoU", self._link_iou)
+        self._forms = {
+            "ais": ParamForm.for_dataclass("AIS parameters", AisParameters, AIS_SPEC),
+            "apg": ParamForm.for_dataclass("APG parameters", ApgParameters, APG_SPEC),
+            "amg": ParamForm("AMG parameters", AMG_SPEC, AMG_DEFAULTS),
+        }
+        for form in self._forms.values():
+            layout.addWidget(form)
+        self._mode.currentIndexChanged.connect(self._show_mode_form)
+        self._show_mode_form()
 
         row = QHBoxLayout()
         self._run_button, self._cancel_button = QPushButton("Run"), QPushButton("Cancel")
@@ -177,8 +236,22 @@ class SegmentEverythingWidget(QWidget):
         if model is None:
             self._model_label.setText("No model yet: load one in the Segment Anything widget "
                                       "(or widget.session.load_model(...)).")
-        else:
-            self._model_label.setText(f"Model: {getattr(model, 'model_type', type(model).__name__)}")
+            return
+        has_decoder = getattr(model, "instance_decoder", None) is not None
+        name = getattr(model, "model_type", type(model).__name__)
+        self._model_label.setText(f"Model: {name}" + (" (with AIS decoder)" if has_decoder else
+                                                       " (no AIS decoder: AMG only)"))
+        items = self._mode.model()
+        for mode in ("ais", "apg"):
+            item = items.item(self._mode.findData(mode))
+            item.setEnabled(has_decoder)
+            item.setToolTip(MODE_TIPS[mode] if has_decoder else
+                            f"{MODE_TIPS[mode]}. This model has none: load e.g. vit_t_lm or vit_b_lm")
+        self._mode.setCurrentIndex(self._mode.findData(default_mode(model)))
+
+    def _show_mode_form(self, *_args) -> None:
+        for mode, form in self._forms.items():
+            form.setVisible(mode == self.mode)
 
     # ------------------------------------------------------------------ scripting API
     def set_image_layer(self, layer: Image) -> None:
@@ -188,16 +261,36 @@ class SegmentEverythingWidget(QWidget):
         """Write into this Labels layer (None: a new layer each run)."""
         self._labels_combo.setCurrentIndex(0 if layer is None else self._labels_combo.findData(layer))
 
-    def set_params(self, **params) -> None:
-        """Set parameters by name (see ``PARAMS``), e.g. ``points_per_side=16``."""
+    @property
+    def mode(self) -> str:
+        """"ais" | "apg" | "amg" (see the module docstring)."""
+        return self._mode.currentData()
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"expected mode in {MODES}, got {mode!r}")
+        self._mode.setCurrentIndex(self._mode.findData(mode))
+
+    def set_params(self, mode: str | None = None, **params) -> None:
+        """Set parameters by name, e.g. ``points_per_side=16`` or ``min_size=20``: those of
+        ``mode`` (default: the current mode's; a name only one mode has goes there), and
+        ``link_iou`` for stacks. See ``AIS_SPEC``, ``APG_SPEC``, ``AMG_SPEC``."""
         for name, value in params.items():
-            if name not in self._fields:
-                raise ValueError(f"expected a parameter in {sorted(self._fields)}, got {name!r}")
-            self._fields[name].setValue(value)
+            if name == "link_iou":
+                self._link_iou.setValue(value)
+                continue
+            owners = [m for m, form in self._forms.items() if name in form.fields]
+            target = mode or (self.mode if self.mode in owners else (owners[0] if len(owners) == 1 else None))
+            if target not in owners:
+                known = sorted({n for f in self._forms.values() for n in f.fields} | {"link_iou"})
+                where = f" for mode {target!r}" if target else ""
+                raise ValueError(f"expected a parameter in {known}{where}, got {name!r}")
+            self._forms[target].set(name, value)
 
     @property
     def params(self) -> dict:
-        return {name: field.value() for name, field in self._fields.items()}
+        """The current mode's parameters and ``link_iou``."""
+        return {**self._forms[self.mode].values(), "link_iou": self._link_iou.value()}
 
     @property
     def status(self) -> str:
@@ -258,9 +351,8 @@ class SegmentEverythingWidget(QWidget):
             raise ValueError("add an image layer first")
         plane = current_plane(self.viewer.dims, image)
         labels = self._labels_combo.currentData()
-        params = self.params
-        extra = {k: params.pop(k) for k in ("min_size", "link_iou")}
-        generator = SamAutomaticMaskGenerator(self.session.model, **params)
+        segmenter = self._segmenter()
+        link_iou = self._link_iou.value()
         limits = contrast_limits_of(self.session.normalisation_for(image))
         target = {"image": image, "labels": labels, "model": self.session.model,
                   "world_point": tuple(self.viewer.dims.point), "overwrite": self._overwrite.isChecked()}
@@ -271,9 +363,10 @@ class SegmentEverythingWidget(QWidget):
             def job(cancel):
                 yield Progress(0, 1, "encoding")
                 _key, embedding = yield from encode  # cached, stored, or encoded here
-                masks = yield from generator.run(plane_pixels(data, plane), embedding=embedding,
-                                                 contrast_limits=limits)
-                return [plane], masks_to_label_image(masks, min_size=extra["min_size"])[None]
+                pixels = plane_pixels(data, plane) if segmenter.mode == "amg" else None
+                result = yield from segmenter.job(pixels, embedding=embedding, contrast_limits=limits,
+                                                  cancel=cancel)
+                return None if result is None else ([plane], result.labels[None])
 
             return job, target
         hidden = [a for a in range(plane.ndim) if a not in plane.axes_rc]
@@ -282,12 +375,25 @@ class SegmentEverythingWidget(QWidget):
         slices = SliceEmbeddings(self.session, image, plane, axis=hidden[-1])
 
         def job(cancel):
-            stack = yield from segment_stack(
-                generator, _PlaneStack(slices), contrast_limits=limits,
-                embedding_for=lambda i, _img: slices.embedding(i), **extra)
-            return [slices.plane(i) for i in range(len(slices))], stack
+            stack = yield from segmenter.stack_job(_PlaneStack(slices), contrast_limits=limits,
+                                                   embedding_for=slices.embedding, link_iou=link_iou,
+                                                   cancel=cancel)
+            return None if stack is None else ([slices.plane(i) for i in range(len(slices))], stack)
 
         return job, target
+
+    def _segmenter(self) -> SamInstanceSegmenter:
+        """The engine for the current mode and parameters (ValueError: e.g. AIS without a
+        decoder, which the status line then explains)."""
+        mode, values = self.mode, self._forms[self.mode].values()
+        if mode == "ais":
+            return SamInstanceSegmenter(self.session.model, "ais",
+                                        ais=dataclasses.replace(AisParameters(), **values))
+        if mode == "apg":
+            return SamInstanceSegmenter(self.session.model, "apg",
+                                        apg=dataclasses.replace(ApgParameters(), **values))
+        min_size = values.pop("min_size")
+        return SamInstanceSegmenter(self.session.model, "amg", amg=values, amg_min_size=min_size)
 
     def _still_current(self, target) -> bool:
         layers = self.viewer.layers
@@ -305,6 +411,9 @@ class SegmentEverythingWidget(QWidget):
     def _write(self, target, result) -> Labels | None:
         """Write (P, H, W) object ids of P planes through the label writer: ids above the
         layer's maximum, onto free pixels unless overwriting, one undo step or nothing."""
+        if result is None:  # cancelled inside the engine
+            self._report("cancelled: labels unchanged")
+            return None
         planes, stack = result
         labels = target["labels"]
         created = labels is None or labels not in self.viewer.layers

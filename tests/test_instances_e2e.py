@@ -1,0 +1,218 @@
+"""AIS / APG / AMG end to end: the engine API, the docked Segment Everything widget and the
+installed CLI, with the oracle (its AIS decoder outputs perfect maps of the encoded image's
+objects, so geometry — crops, resizes, scale, slices — is checked) and with random weights
+through real checkpoints in micro-sam's format."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from conftest import dock
+from oracle import OracleInstanceDecoder, with_instance_decoder
+from test_automatic_oracle import FastOracle, draw_objects, iou
+
+from napari_sam._napari.session import session_for
+from napari_sam.engine.instances import SamInstanceSegmenter, predict_decoder_outputs
+from napari_sam.engine.predictor import SamPredictor
+
+
+def oracle_with_decoder(image_size: int = 256) -> FastOracle:
+    return with_instance_decoder(FastOracle(image_size=image_size))
+
+
+def assert_recovers(labels: np.ndarray, truth: np.ndarray, min_iou: float = 0.9) -> list[int]:
+    """Every true object is one label (IoU >= min_iou), distinct objects distinct labels."""
+    ids = []
+    for t in truth:
+        values, counts = np.unique(labels[t], return_counts=True)
+        best = int(values[np.argmax(counts)])
+        assert best != 0, "an object was missed"
+        assert iou(labels == best, t) >= min_iou, f"object {best}: IoU {iou(labels == best, t):.3f}"
+        ids.append(best)
+    assert len(set(ids)) == len(truth)
+    return ids
+
+
+# ---------------------------------------------------------------------------- engine
+# (shape, grid, min IoU): padding of rows / cols, an upscale x2, a downscale 300 -> 256
+# (the oracle sees the image at 256: a 1-pixel rim of quantisation, IoU ~0.88 on small boxes)
+@pytest.mark.parametrize("shape, grid, min_iou", [((200, 256), (3, 3), 0.9), ((256, 180), (3, 3), 0.9),
+                                                  ((128, 96), (2, 2), 0.9), ((300, 300), (3, 3), 0.85)])
+def test_ais_recovers_the_objects_through_resize_and_padding(shape, grid, min_iou):
+    image, truth = draw_objects(shape, grid=grid, seed=4, radius=(12, 30))
+    model = oracle_with_decoder()
+    result = SamInstanceSegmenter(model).segment(image)
+    assert result.mode == "ais" and result.labels.dtype == np.uint32 and result.labels.shape == shape
+    assert result.n_objects == len(truth)
+    assert_recovers(result.labels, truth, min_iou)
+    fg = result.decoder_outputs.foreground
+    assert fg.shape == shape and iou(fg > 0.5, truth.any(0)) >= 0.9
+
+
+def test_ais_and_apg_run_on_a_stored_embedding_without_the_encoder():
+    image, truth = draw_objects((220, 240), grid=(2, 3), seed=7)
+    model = oracle_with_decoder()
+    embedding = SamPredictor(model).encode_image(image)
+    calls = model.encode_calls
+    # APG's masks come from the oracle's point decoder, which leaves out the blurred rim of
+    # a resized object (IoU ~0.9); AIS's maps include it
+    for mode, min_iou in (("ais", 0.95), ("apg", 0.85)):
+        result = SamInstanceSegmenter(model, mode).segment(embedding=embedding)  # no pixels needed
+        assert model.encode_calls == calls, f"{mode} encoded again"
+        assert_recovers(result.labels, truth, min_iou)
+    with pytest.raises(ValueError, match="pixels"):
+        SamInstanceSegmenter(model, "amg").segment(embedding=embedding)
+
+
+def test_decoder_outputs_refuse_foreign_embeddings_and_models_without_decoder():
+    image, _ = draw_objects((128, 128), grid=(2, 2), seed=1)
+    model = oracle_with_decoder()
+    embedding = SamPredictor(model).encode_image(image)
+    other = FastOracle(image_size=256)
+    other.signature = "another:model"
+    with pytest.raises(ValueError, match="AIS decoder"):
+        predict_decoder_outputs(other, embedding)
+    with pytest.raises(ValueError, match="mode 'amg'"):
+        SamInstanceSegmenter(other, "ais")
+    other.instance_decoder = OracleInstanceDecoder(other)
+    with pytest.raises(ValueError, match="made by"):
+        predict_decoder_outputs(other, embedding)
+    with pytest.raises(ValueError, match="mode"):
+        SamInstanceSegmenter(model, "everything")
+
+
+def test_stack_links_objects_and_cancel_returns_none():
+    image, truth = draw_objects((160, 200), grid=(2, 2), seed=2)
+    stack = np.stack([image, np.roll(image, 3, axis=1), np.roll(image, 6, axis=1)])
+    segmenter = SamInstanceSegmenter(oracle_with_decoder())
+    from napari_sam.engine.automatic import run_to_end
+
+    labels = run_to_end(segmenter.stack_job(stack))
+    assert labels.shape == stack.shape and labels.dtype == np.uint32
+    ids = assert_recovers(labels[0], truth)
+    for z in (1, 2):  # linked: the same ids through z
+        assert_recovers(labels[z], np.roll(truth, 3 * z, axis=2))
+        assert set(np.unique(labels[z])) - {0} == set(ids)
+    import threading
+
+    cancel = threading.Event()
+    cancel.set()
+    assert run_to_end(segmenter.stack_job(stack, cancel=cancel)) is None
+
+
+# ---------------------------------------------------------------------------- widget
+
+
+def docked(viewer, model):
+    widget = dock(viewer, "Segment Everything")
+    session_for(viewer).set_model(model)
+    return widget
+
+
+@pytest.mark.gui
+def test_widget_defaults_to_ais_and_writes_where_the_image_is_shown(viewer, tmp_path):
+    image, truth = draw_objects((220, 256), grid=(3, 3), seed=3, radius=(12, 30))
+    layer = viewer.add_image(image, scale=(0.5, 2.0), translate=(10, -4))
+    model = oracle_with_decoder()
+    widget = docked(viewer, model)
+    assert widget.mode == "ais" and "AIS decoder" in widget._model_label.text()
+    viewer.screenshot(str(tmp_path / "everything_ais.png"), canvas_only=False)
+
+    labels = widget.run(scope="slice", wait=True)
+    assert labels is not None, widget.status
+    np.testing.assert_allclose(labels.scale, layer.scale)
+    np.testing.assert_allclose(labels.translate, layer.translate)
+    assert_recovers(labels.data, truth)
+    assert f"{len(truth)} objects written" in widget.status
+    labels.undo()  # one undo step
+    assert labels.data.max() == 0
+
+
+@pytest.mark.gui
+def test_widget_apg_and_stack_linking(viewer):
+    image, truth = draw_objects((180, 200), grid=(2, 3), seed=5)
+    stack = np.stack([image, image, np.roll(image, 4, axis=0)])
+    viewer.add_image(stack)
+    widget = docked(viewer, oracle_with_decoder())
+    widget.set_mode("apg")
+    widget.set_params(min_size=10, link_iou=0.3)
+    assert widget.params["min_size"] == 10 and widget.params["link_iou"] == 0.3
+    labels = widget.run(scope="stack", wait=True)
+    assert labels is not None, widget.status
+    assert labels.data.shape == stack.shape
+    ids = assert_recovers(labels.data[0], truth, 0.85)  # APG: see above
+    assert_recovers(labels.data[2], np.roll(truth, 4, axis=1), 0.85)
+    assert set(np.unique(labels.data[1])) - {0} == set(ids)
+
+
+@pytest.mark.gui
+def test_model_without_decoder_offers_amg_only_and_explains(viewer):
+    image, _ = draw_objects((128, 128), grid=(2, 2), seed=1)
+    viewer.add_image(image)
+    widget = docked(viewer, FastOracle(image_size=256))
+    assert widget.mode == "amg" and "AMG only" in widget._model_label.text()
+    combo = widget._mode
+    assert not combo.model().item(combo.findData("ais")).isEnabled()
+    widget.set_mode("ais")  # a script can still ask: the status line says why not
+    assert widget.run(scope="slice", wait=True) is None
+    assert "decoder" in widget.status and len(viewer.layers) == 1
+    with pytest.raises(ValueError, match="parameter"):
+        widget.set_params(points_per_sid=3)
+
+
+class SlowInstanceDecoder(OracleInstanceDecoder):
+    def __call__(self, *args):
+        time.sleep(0.4)
+        return super().__call__(*args)
+
+
+@pytest.mark.gui
+def test_cancel_of_an_ais_stack_acts_within_a_second(viewer, qtbot):
+    image, _ = draw_objects((128, 128), grid=(2, 2), seed=1)
+    viewer.add_image(np.stack([image] * 12))
+    model = FastOracle(image_size=256)
+    model.instance_decoder = SlowInstanceDecoder(model)
+    widget = docked(viewer, model)
+    widget.run(scope="stack", wait=False)
+    qtbot.waitUntil(lambda: model.instance_decoder.calls >= 1, timeout=20000)
+    start = time.monotonic()
+    widget.cancel()
+    assert widget.wait(5)
+    assert time.monotonic() - start < 1.0
+    assert "cancelled" in widget.status and len(viewer.layers) == 1
+
+
+# ---------------------------------------------------------------------------- CLI
+def test_cli_everything_modes(tmp_path, tmp_path_factory):
+    import tifffile
+    from test_cli_embed import napari_sam, random_vit_t_ais_checkpoint
+
+    ais_checkpoint = random_vit_t_ais_checkpoint(tmp_path_factory)
+    image, _ = draw_objects((96, 120), grid=(2, 2), seed=1)
+    stack = np.stack([image, image])
+    src = tmp_path / "stack.tif"
+    tifffile.imwrite(src, stack)
+    out = tmp_path / "labels.tif"
+    tifffile.imwrite(tmp_path / "image.tif", image)
+    for mode, path in (("ais", src), ("apg", tmp_path / "image.tif")):  # 3 slices: the decoder is slow
+        proc = napari_sam("everything", str(path), "-o", str(out), "--model", "vit_t",
+                          "--checkpoint", str(ais_checkpoint), "--mode", mode, "--min-size", "0",
+                          "--device", "cpu", "--quiet")
+        assert proc.returncode == 0, proc.stderr
+        labels = tifffile.imread(out)
+        assert labels.shape == tifffile.imread(path).shape and labels.dtype in (np.uint16, np.uint32)
+        if mode == "ais":  # flat maps: one object; APG's masks come from random SAM weights
+            assert "1 objects in" in proc.stderr and (labels == 1).all()
+        else:
+            assert labels.max() >= 1 and "objects in" in proc.stderr
+    # a model without a decoder: mode ais is refused before any work, amg is the default
+    from test_cli_embed import random_vit_t_checkpoint
+
+    plain = random_vit_t_checkpoint(tmp_path_factory)
+    proc = napari_sam("everything", str(src), "-o", str(tmp_path / "x.tif"), "--model", "vit_t",
+                      "--checkpoint", str(plain), "--mode", "ais", "--device", "cpu")
+    assert proc.returncode == 2 and "decoder" in proc.stderr and not (tmp_path / "x.tif").exists()
+    assert isinstance(proc, subprocess.CompletedProcess)
