@@ -216,3 +216,74 @@ def test_cli_everything_modes(tmp_path, tmp_path_factory):
                       "--checkpoint", str(plain), "--mode", "ais", "--device", "cpu")
     assert proc.returncode == 2 and "decoder" in proc.stderr and not (tmp_path / "x.tif").exists()
     assert isinstance(proc, subprocess.CompletedProcess)
+
+
+def test_cli_embed_then_everything_from_the_store_encodes_nothing(tmp_path, monkeypatch, capsys):
+    """The README's order: `napari-sam embed … --store`, then `everything --store`: AIS and
+    APG read every slice from the store (no encoder call) and find the objects; a store of
+    another stack is refused, and the store is unchanged."""
+    import tifffile
+
+    from conftest import patch_build_sam
+    from napari_sam.cli import main
+    from test_store import snapshot
+
+    image, truth = draw_objects((120, 150), grid=(2, 2), seed=6)
+    stack = np.stack([image, np.roll(image, 5, axis=1)])
+    tifffile.imwrite(tmp_path / "stack.tif", stack)
+    model = patch_build_sam(monkeypatch, oracle_with_decoder())
+    store = tmp_path / "stack.zarr"
+    assert main(["embed", str(tmp_path / "stack.tif"), "--store", str(store), "--model", "vit_t_lm",
+                 "--quiet"]) == 0
+    assert model.encode_calls == 2
+    before = snapshot(store)
+    for mode in ("ais", "apg"):
+        out = tmp_path / f"{mode}.tif"
+        assert main(["everything", str(tmp_path / "stack.tif"), "-o", str(out), "--model", "vit_t_lm",
+                     "--mode", mode, "--store", str(store), "--quiet"]) == 0, capsys.readouterr().err
+        assert model.encode_calls == 2, f"{mode} encoded again"
+        labels = tifffile.imread(out)
+        assert_recovers(labels[0], truth, 0.85)
+        assert_recovers(labels[1], np.roll(truth, 5, axis=2), 0.85)
+    assert snapshot(store) == before
+    tifffile.imwrite(tmp_path / "other.tif", stack[:, ::-1])
+    code = main(["everything", str(tmp_path / "other.tif"), "-o", str(tmp_path / "x.tif"), "--model",
+                 "vit_t_lm", "--store", str(store), "--quiet"])
+    assert code == 2 and "different" in capsys.readouterr().err and snapshot(store) == before
+
+
+@pytest.mark.gui
+def test_store_made_by_the_cli_serves_ais_in_napari(viewer, tmp_path, tmp_path_factory):
+    """The README's order across CLI and napari with a real model (random vit_t with an AIS
+    decoder, micro-sam's checkpoint format): `napari-sam embed --store`, open the store in
+    the Segment Anything widget, run Segment Everything (AIS, whole stack): no encoder call,
+    labels written, the store untouched."""
+    import tifffile
+
+    from napari_sam import build_sam
+    from test_cli_embed import napari_sam, random_vit_t_ais_checkpoint
+
+    image, _ = draw_objects((64, 80), grid=(2, 2), seed=2)
+    tifffile.imwrite(tmp_path / "stack.tif", np.stack([image, image]))
+    checkpoint = random_vit_t_ais_checkpoint(tmp_path_factory)
+    store_path = tmp_path / "s.zarr"
+    done = napari_sam("embed", tmp_path / "stack.tif", "--store", store_path, "--model", "vit_t_lm",
+                      "--checkpoint", checkpoint, "--device", "cpu", "--precision", "fp32")
+    assert done.returncode == 0, done.stderr
+    files_before = sorted(p.relative_to(store_path) for p in store_path.rglob("*"))
+
+    layer = viewer.add_image(tifffile.imread(tmp_path / "stack.tif"), name="stack")
+    widget = dock(viewer, "Segment Anything")
+    widget.segmenter.auto_encode = False
+    model = build_sam("vit_t_lm", checkpoint=checkpoint, device="cpu", precision="fp32")
+    calls = []
+    model.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    widget.set_model(model)
+    widget.set_image_layer(layer)
+    assert widget.open_store(store_path, wait=True) is not None, widget.status
+    everything = dock(viewer, "Segment Everything")
+    assert everything.mode == "ais"
+    labels = everything.run(scope="stack", wait=True)
+    assert labels is not None, everything.status
+    assert calls == [] and (labels.data == 1).all()  # flat decoder maps: one object per slice
+    assert sorted(p.relative_to(store_path) for p in store_path.rglob("*")) == files_before
