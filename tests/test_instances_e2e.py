@@ -223,10 +223,10 @@ def test_cli_embed_then_everything_from_the_store_encodes_nothing(tmp_path, monk
     APG read every slice from the store (no encoder call) and find the objects; a store of
     another stack is refused, and the store is unchanged."""
     import tifffile
-
     from conftest import patch_build_sam
-    from napari_sam.cli import main
     from test_store import snapshot
+
+    from napari_sam.cli import main
 
     image, truth = draw_objects((120, 150), grid=(2, 2), seed=6)
     stack = np.stack([image, np.roll(image, 5, axis=1)])
@@ -259,9 +259,9 @@ def test_store_made_by_the_cli_serves_ais_in_napari(viewer, tmp_path, tmp_path_f
     the Segment Anything widget, run Segment Everything (AIS, whole stack): no encoder call,
     labels written, the store untouched."""
     import tifffile
+    from test_cli_embed import napari_sam, random_vit_t_ais_checkpoint
 
     from napari_sam import build_sam
-    from test_cli_embed import napari_sam, random_vit_t_ais_checkpoint
 
     image, _ = draw_objects((64, 80), grid=(2, 2), seed=2)
     tifffile.imwrite(tmp_path / "stack.tif", np.stack([image, image]))
