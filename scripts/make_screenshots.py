@@ -266,8 +266,28 @@ def everything(out: Path) -> None:
     viewer.close()
 
 
+def everything_ais(out: Path) -> None:
+    """Segment Everything in AIS mode (a model with an instance decoder) on the nuclei
+    stack's middle slice: the mode, its parameters and the objects written."""
+    from oracle import with_instance_decoder
+
+    model = with_instance_decoder(segmenting_oracle(512))
+    model.model_type = "oracle (tests/oracle.py)"
+    viewer = new_viewer()
+    layer = viewer.add_image(nuclei_stack(), name="nuclei", colormap="gray")
+    viewer.dims.set_current_step(0, 12)
+    dock(viewer, "Segment Anything").set_model(model)
+    widget = dock(viewer, "Segment Everything", tabify=True)
+    widget.set_image_layer(layer)
+    widget.run(scope="slice", wait=True)
+    settle()
+    viewer.reset_view()
+    save(viewer, out / "everything_ais.png")
+    viewer.close()
+
+
 WORKFLOWS = {"interactive": interactive, "boxes": boxes, "propagation": propagation,
-             "everything": everything}
+             "everything": everything, "everything_ais": everything_ais}
 
 
 def main(argv: list[str] | None = None) -> int:
