@@ -27,7 +27,7 @@ import common
 import numpy as np
 import torch
 
-SECTION = "bench_ais"
+SECTION = "bench_ais_latest"  # the raw table of the last --write run
 
 
 def best_of(fn, repeats: int) -> tuple[float, object]:
