@@ -287,3 +287,69 @@ def test_store_made_by_the_cli_serves_ais_in_napari(viewer, tmp_path, tmp_path_f
     assert labels is not None, everything.status
     assert calls == [] and (labels.data == 1).all()  # flat decoder maps: one object per slice
     assert sorted(p.relative_to(store_path) for p in store_path.rglob("*")) == files_before
+
+
+def test_cancel_is_honoured_in_every_mode():
+    import threading
+
+    image, _ = draw_objects((128, 128), grid=(2, 2), seed=1)
+    cancel = threading.Event()
+    cancel.set()
+    from napari_sam.engine.automatic import run_to_end
+
+    for mode in ("ais", "apg", "amg"):
+        segmenter = SamInstanceSegmenter(oracle_with_decoder(), mode, amg={"points_per_side": 4})
+        assert run_to_end(segmenter.job(image, cancel=cancel)) is None, mode
+
+
+@pytest.mark.gui
+def test_widget_refuses_parameters_its_fields_cannot_hold(viewer):
+    widget = docked(viewer, oracle_with_decoder())
+    for name, value in (("center_distance_threshold", 1.7), ("min_size", -5),
+                        ("foreground_threshold", 0.375)):
+        with pytest.raises(ValueError, match=name):
+            widget.set_params(**{name: value})
+    widget.set_params(foreground_threshold=0.35)
+    assert widget.params["foreground_threshold"] == 0.35
+
+
+def test_cli_checks_mode_and_parameters_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    import tifffile
+
+    from napari_sam.cli import main
+    from napari_sam.engine import weights
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a model was fetched")
+
+    monkeypatch.setattr(weights, "download_job", no_download)
+    image, _ = draw_objects((64, 64), grid=(2, 2), seed=1)
+    tifffile.imwrite(tmp_path / "im.tif", image)
+    base = ["everything", str(tmp_path / "im.tif"), "-o", str(tmp_path / "out.tif")]
+    assert main([*base, "--model", "vit_b", "--mode", "ais"]) == 2
+    assert "vit_b has none" in capsys.readouterr().err
+    assert main([*base, "--model", "vit_t_lm", "--center-distance-threshold", "2"]) == 2
+    assert "center_distance_threshold" in capsys.readouterr().err
+    assert not (tmp_path / "out.tif").exists()
+
+
+def test_cli_store_made_with_explicit_contrast_limits_is_used(tmp_path, monkeypatch, capsys):
+    """`embed --contrast-limits` then `everything --store` without them: the store's own
+    normalisation is used (a 16-bit stack), no encoder call."""
+    import tifffile
+
+    from conftest import patch_build_sam
+    from napari_sam.cli import main
+
+    image, truth = draw_objects((100, 120), grid=(2, 2), seed=3)
+    stack = (np.stack([image, image]).astype(np.uint16) * 8)
+    tifffile.imwrite(tmp_path / "s.tif", stack)
+    model = patch_build_sam(monkeypatch, oracle_with_decoder())
+    store = tmp_path / "s.zarr"
+    assert main(["embed", str(tmp_path / "s.tif"), "--store", str(store), "--model", "vit_t_lm",
+                 "--contrast-limits", "0", "2040", "--quiet"]) == 0
+    calls = model.encode_calls
+    assert main(["everything", str(tmp_path / "s.tif"), "-o", str(tmp_path / "o.tif"), "--model",
+                 "vit_t_lm", "--store", str(store), "--quiet"]) == 0, capsys.readouterr().err
+    assert model.encode_calls == calls
+    assert_recovers(tifffile.imread(tmp_path / "o.tif")[0], truth)

@@ -143,3 +143,34 @@ def test_cli_lists_models_by_domain_and_accepts_zoo_names():
                           "--model", "vit_b_lmm"], capture_output=True, text=True, timeout=120,
                          check=False)
     assert bad.returncode == 2 and "vit_b_lm" in bad.stderr
+
+
+def test_a_failed_decoder_download_leaves_a_usable_model(xxh_server, tmp_path, monkeypatch):
+    """The decoder is extra: if it cannot be fetched, the model still loads (with a warning
+    naming decoder_checkpoint, the URL and where to put the file)."""
+    monkeypatch.setitem(weights.CHECKPOINTS, "vit_b_lm_decoder",
+                        weights.CheckpointInfo("vit_b_lm_decoder", "http://127.0.0.1:9/d.pt", None,
+                                               xxh128="0" * 32, file_name="vit_b_lm_decoder.pt"))
+    with pytest.warns(UserWarning, match="without its AIS decoder") as record:
+        paths = run_generator(weights.model_files_job("vit_b_lm"))
+    assert paths == (tmp_path / "cache" / "vit_b_lm.pt", None)
+    message = str(record[0].message)
+    assert "decoder_checkpoint=" in message and "http://127.0.0.1:9/d.pt" in message
+    from napari_sam._cli import cli_wording
+
+    assert "--decoder-checkpoint PATH" in cli_wording(message)
+
+
+def test_assigning_a_decoder_keeps_sams_state_dict():
+    import torch
+
+    from napari_sam.model import build_model
+    from napari_sam.model.instance_decoder import InstanceDecoder
+    from sam_factory import TINY_VIT_B
+
+    model = build_model(TINY_VIT_B)
+    keys = set(model.state_dict())
+    model.instance_decoder = InstanceDecoder(256, TINY_VIT_B.img_size)
+    assert set(model.state_dict()) == keys and not model.instance_decoder.training
+    model.to(torch.float64)  # follows the model
+    assert next(model.instance_decoder.parameters()).dtype == torch.float64

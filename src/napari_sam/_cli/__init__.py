@@ -31,5 +31,6 @@ def cli_wording(message: str) -> str:
     ``checkpoint=`` become the matching options (``--checkpoint PATH``); one line."""
     message = re.sub(r"pass its path as `checkpoint=`", "pass its path with --checkpoint PATH",
                      message)
+    message = re.sub(r"`?\bdecoder_checkpoint=`?", "--decoder-checkpoint PATH", message)
     message = re.sub(r"`?\bcheckpoint=(\"[^\"]*\"|'[^']*')?`?", "--checkpoint PATH", message)
     return " ".join(message.split())

@@ -162,26 +162,24 @@ def write_labels(output: Path, labels: np.ndarray) -> None:
         write_atomic(output, lambda f: tifffile.imwrite(f, labels, compression="zlib"))
 
 
-def make_segmenter(model, mode: str, args):
-    """The engine's SamInstanceSegmenter for ``mode`` and the command line's parameters."""
+def segmenter_options(args) -> dict:
+    """SamInstanceSegmenter's keyword arguments for every mode from the command line,
+    validated (ValueError) before any model is loaded."""
     import dataclasses
 
     from ..engine.instance_segmentation import AisParameters
-    from ..engine.instances import SamInstanceSegmenter
     from ..engine.prompt_generation import ApgParameters
 
     seeds = {name: getattr(args, name) for name in AIS_FLAGS}
-    if mode == "ais":
-        size = {} if args.min_size is None else {"min_size": args.min_size}
-        return SamInstanceSegmenter(model, "ais", ais=dataclasses.replace(AisParameters(), **seeds, **size))
-    if mode == "apg":
-        values = {k: v for k, v in seeds.items() if k not in ("foreground_smoothing", "distance_smoothing")}
-        values.update({name: getattr(args, name) for name in (*APG_FLAGS, *APG_SWITCHES)})
-        if args.min_size is not None:
-            values["min_size"] = args.min_size
-        return SamInstanceSegmenter(model, "apg", apg=dataclasses.replace(ApgParameters(), **values))
-    params = {name: getattr(args, name) for name in GENERATOR_FLAGS}
-    return SamInstanceSegmenter(model, "amg", amg=params, amg_min_size=args.min_size or 0)
+    size = {} if args.min_size is None else {"min_size": args.min_size}
+    ais = dataclasses.replace(AisParameters(), **seeds, **size)
+    apg_values = {k: v for k, v in seeds.items() if k not in ("foreground_smoothing", "distance_smoothing")}
+    apg_values.update({name: getattr(args, name) for name in (*APG_FLAGS, *APG_SWITCHES)})
+    apg = dataclasses.replace(ApgParameters(), **apg_values, **size)
+    ais.validate()
+    apg.validate()
+    return {"ais": ais, "apg": apg, "amg": {name: getattr(args, name) for name in GENERATOR_FLAGS},
+            "amg_min_size": args.min_size or 0}
 
 
 def run(args) -> int:
@@ -198,7 +196,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from .. import engine
-    from ..engine.instances import default_mode
+    from ..engine.instances import SamInstanceSegmenter, default_mode
     from ..engine.stack import StackView, volume_contrast_limits
     from ..engine.weights import CheckpointDownloadError
     from ..model.checkpoint import CheckpointError
@@ -206,16 +204,26 @@ def run(args) -> int:
     try:
         stack, single = as_stack(read_input(input_path), args.rgb)
         limits = tuple(args.contrast_limits) if args.contrast_limits else None
-        if limits is None and not single:  # one normalisation for every slice
+        if limits is None and not single and not args.store:  # one normalisation for every slice
             limits = volume_contrast_limits(StackView(stack))
     except (ValueError, OSError) as exc:
         return fail(2, f"cannot read {args.input}: {exc}")
     except Exception as exc:  # noqa: BLE001 - a corrupt file: say so, no traceback
         return fail(2, f"cannot read {args.input}: {type(exc).__name__}: {exc}")
     try:
+        options = segmenter_options(args)
+    except ValueError as exc:
+        return fail(2, str(exc))
+    from ..model.zoo import zoo_model
+
+    if args.mode in ("ais", "apg") and args.checkpoint is None and not zoo_model(args.model).has_decoder:
+        return fail(2, f"--mode {args.mode} needs a model with an AIS decoder; {args.model} has none "
+                       "(try vit_t_lm, vit_b_lm, …: napari-sam models)")
+    try:
         model = engine.build_sam(args.model, args.checkpoint, decoder_checkpoint=args.decoder_checkpoint,
                                  device=args.device, precision=args.precision)
-        segmenter = make_segmenter(model, args.mode if args.mode != "auto" else default_mode(model), args)
+        mode = args.mode if args.mode != "auto" else default_mode(model)
+        segmenter = SamInstanceSegmenter(model, mode, **options)
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         return fail(2, str(exc))
     except CheckpointDownloadError as exc:
@@ -228,8 +236,9 @@ def run(args) -> int:
         try:  # the store's normalisation, unless given: its embeddings were made with it
             store = EmbeddingStore.open(args.store, stack, model, contrast_limits=limits or "stored")
         except StoreMismatchError as exc:
+            hint = (" (or pass the store's --contrast-limits)" if "normalisation" in exc.changed else "")
             return fail(2, f"store {args.store} was made for a different {exc.details}: use the "
-                           "model and input it was made with, or another --store")
+                           f"model and input it was made with, or another --store{hint}")
         except (ValueError, StoreError) as exc:
             return fail(2, str(exc))
         limits, embedding_for = store.contrast_limits, store.embedding

@@ -27,6 +27,7 @@ A cancelled run writes nothing; inputs are read on the GUI thread when the run s
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import numpy as np
 from napari.layers import Image, Labels
@@ -43,7 +44,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..engine.automatic import Progress, run_to_end
+from ..engine.automatic import Progress, SamAutomaticMaskGenerator, run_to_end
 from ..engine.instance_segmentation import AisParameters
 from ..engine.instances import MODES, SamInstanceSegmenter, default_mode
 from ..engine.prompt_generation import ApgParameters
@@ -77,10 +78,8 @@ MODE_TIPS = {
            "slice on a CPU",
 }
 
-# name: (minimum, maximum, step or None for ints, help); defaults come from the engine
-AMG_DEFAULTS = {"points_per_side": 32, "points_per_batch": 64, "pred_iou_thresh": 0.88,
-                "stability_score_thresh": 0.95, "box_nms_thresh": 0.7, "crop_n_layers": 0,
-                "min_mask_region_area": 0, "min_size": 0}
+# name: (minimum, maximum, step or None for ints, help); AIS/APG defaults come from the
+# engine's parameter classes, AMG's are SamAutomaticMaskGenerator's (AMG_DEFAULTS)
 AMG_SPEC = {
     "points_per_side": (1, 128, None, "grid of points per image side (32 x 32 = 1024 prompts)"),
     "points_per_batch": (1, 1024, None, "prompts decoded together (memory vs speed)"),
@@ -91,6 +90,9 @@ AMG_SPEC = {
     "min_mask_region_area": (0, 100000, None, "fill holes / drop islands smaller than this (pixels)"),
     "min_size": (0, 100000, None, "drop objects with fewer visible pixels in the label image"),
 }
+_AMG_SIGNATURE = inspect.signature(SamAutomaticMaskGenerator).parameters
+AMG_DEFAULTS = {**{name: _AMG_SIGNATURE[name].default for name in AMG_SPEC if name != "min_size"},
+                "min_size": 0}  # min_size: of the label image (masks_to_label_image)
 _SEEDS = {
     "center_distance_threshold": (0.0, 1.0, 0.05, (
         "seeds: pixels whose predicted distance to their object's centre (0 = centre, 1 = "

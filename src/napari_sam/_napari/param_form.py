@@ -60,8 +60,15 @@ class ParamForm(QGroupBox):
                 for name, f in self.fields.items()}
 
     def set(self, name: str, value) -> None:
+        """Set one field; ValueError for a value it cannot hold (out of range, too many
+        decimals) instead of Qt's silent clamping and rounding."""
         field = self.fields[name]
         if isinstance(field, QCheckBox):
             field.setChecked(bool(value))
-        else:
-            field.setValue(value)
+            return
+        lo, hi = field.minimum(), field.maximum()
+        decimals = field.decimals() if isinstance(field, QDoubleSpinBox) else 0
+        if not lo <= value <= hi or round(value, decimals) != value:
+            kind = f"a number with at most {decimals} decimals" if decimals else "a whole number"
+            raise ValueError(f"expected {name} = {kind} in [{lo:g}, {hi:g}], got {value!r}")
+        field.setValue(value)

@@ -103,7 +103,7 @@ class SegmentAnythingWidget(QWidget):
         self._on_model_changed(self.session.model)
 
     # ------------------------------------------------------------------ UI
-    def showEvent(self, event) -> None:  # noqa: N802 - Qt's name
+    def showEvent(self, event) -> None:
         """Once styled (fonts known), make the dock wide enough for every control."""
         super().showEvent(event)
         fit_narrow_docks(self)
@@ -292,7 +292,7 @@ class SegmentAnythingWidget(QWidget):
         ``wait=False`` loads in a worker (the button does) and returns the worker; a
         failure (offline, bad file) reaches the status line and a notification."""
         from .. import engine
-        from ..engine.weights import CHECKPOINTS, model_files_job
+        from ..engine.weights import CHECKPOINTS, decoder_name, model_files_job
 
         model_type = model_type or self._model_type.currentData()
         checkpoint = checkpoint or (self._checkpoint.text().strip() or None)
@@ -314,7 +314,11 @@ class SegmentAnythingWidget(QWidget):
         def done(model):
             if model is not None:
                 self.session.set_model(model)
-                self.segmenter.report(f"model {model_type} loaded")
+                missing = (decoder_name(model_type) is not None and checkpoint is None
+                           and getattr(model, "instance_decoder", None) is None)
+                self.segmenter.report(f"model {model_type} loaded" + (
+                    " without its AIS decoder (download failed; Segment Everything: AMG only)"
+                    if missing else ""))
 
         def cancelled():
             self.segmenter.report("loading cancelled: no model changed (a partial download is removed)")

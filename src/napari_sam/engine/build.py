@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -9,7 +10,12 @@ import torch
 from ..model import SamConfig, build_model, get_config
 from ..model.checkpoint import load_into, read_checkpoint, read_state_dict
 from .device import choose_device, choose_precision
-from .weights import decoder_name, fetch_checkpoint, file_fingerprint
+from .weights import (
+    CheckpointDownloadError,
+    decoder_name,
+    fetch_checkpoint,
+    file_fingerprint,
+)
 
 
 def build_sam(
@@ -50,7 +56,10 @@ def build_sam(
         checkpoint = fetch_checkpoint(config.name)
         published_decoder = decoder_name(config.name)
         if decoder_checkpoint is None and published_decoder is not None:
-            decoder_checkpoint = fetch_checkpoint(published_decoder)
+            try:
+                decoder_checkpoint = fetch_checkpoint(published_decoder)
+            except CheckpointDownloadError as exc:  # still a SAM: interactive, AMG
+                warnings.warn(f"{config.name} loads without its AIS decoder: {exc}", stacklevel=2)
     checkpoint = Path(checkpoint).expanduser()
     state_dict, decoder_state = read_checkpoint(checkpoint)
     if decoder_checkpoint is not None:

@@ -148,8 +148,22 @@ class SamInstanceSegmenter:
         if embedding is None:
             yield Progress(0, 1, "encoding")
             embedding = self.predictor.encode_image(image, contrast_limits=contrast_limits)
+            if cancel is not None and cancel.is_set():
+                return None
         if self.mode == "amg":
-            masks = yield from self._amg.run(image, embedding=embedding, contrast_limits=contrast_limits)
+            run = self._amg.run(image, embedding=embedding, contrast_limits=contrast_limits)
+            try:
+                while True:
+                    try:
+                        step = next(run)
+                    except StopIteration as stop:
+                        masks = stop.value
+                        break
+                    if cancel is not None and cancel.is_set():
+                        return None
+                    yield step
+            finally:
+                run.close()
             labels = masks_to_label_image(masks, min_size=self.amg_min_size)
             return InstanceSegmentation(labels.astype(np.uint32), "amg")
         yield Progress(0, 1, "AIS decoder")

@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import warnings
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -310,10 +311,11 @@ def _holds(path: Path, info: CheckpointInfo) -> bool:
 
 def _download_error(info: CheckpointInfo, target: Path, reason: str) -> CheckpointDownloadError:
     """One clear message: what failed, where to put the file by hand, the env var."""
+    argument = "decoder_checkpoint=" if info.model_type.endswith("_decoder") else "checkpoint="
     return CheckpointDownloadError(
         f"could not download the {info.model_type} checkpoint from {info.url} "
         f"({reason}). Download it yourself and save it as "
-        f"{target} (or pass its path as `checkpoint=`); set ${CACHE_ENV_VAR} to use "
+        f"{target} (or pass its path as `{argument}`); set ${CACHE_ENV_VAR} to use "
         "another cache folder."
     )
 
@@ -504,7 +506,11 @@ def model_files_job(model_type: str, cancel: threading.Event | None = None
     decoder = decoder_name(model_type)
     if decoder is None:
         return path, None
-    decoder_path = yield from download_job(decoder, cancel)
+    try:
+        decoder_path = yield from download_job(decoder, cancel)
+    except CheckpointDownloadError as exc:  # the model still segments interactively (and AMG)
+        warnings.warn(f"{model_type} loads without its AIS decoder: {exc}", stacklevel=2)
+        return path, None
     return None if decoder_path is None else (path, decoder_path)
 
 

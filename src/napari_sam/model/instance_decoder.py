@@ -310,7 +310,9 @@ def _instance_norm(x: Tensor, inplace: bool) -> Tensor:
     for b in range(B):
         pixels = x[b].permute(1, 2, 0).flatten(0, 1)  # (H * W, C) view
         shift = pixels[:rows].mean(0)  # (C,)
-        sums = torch.zeros(2, C, dtype=torch.float64, device=x.device)
+        # float64 sums where the device has them (Apple MPS does not: float32, still shifted)
+        wide = torch.float32 if x.device.type == "mps" else torch.float64
+        sums = torch.zeros(2, C, dtype=wide, device=x.device)
         for chunk in pixels.split(rows):
             part = torch.sub(chunk, shift, out=scratch[: len(chunk)])
             sums[0] += part.sum(0)

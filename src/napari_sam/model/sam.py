@@ -59,6 +59,12 @@ class Sam(nn.Module):
             decoder = decoder.to(self.device).eval()
         object.__setattr__(self, "instance_decoder", decoder)
 
+    def __setattr__(self, name: str, value) -> None:
+        if name == "instance_decoder":  # never a submodule: see set_instance_decoder
+            self.set_instance_decoder(value)
+        else:
+            super().__setattr__(name, value)
+
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
         if getattr(self, "instance_decoder", None) is not None:

@@ -2,7 +2,7 @@
 
 A zoo name ("vit_b_lm", "vit_t", …) stands for an architecture of
 :data:`~napari_sam.model.config.MODEL_CONFIGS` plus published weights (see
-``napari_sam.engine.weights`` for where they are downloaded from). micro-sam's fine-tuned
+the engine's weights module for where they are downloaded from). micro-sam's fine-tuned
 models keep SAM's architecture unchanged; most also publish an instance-segmentation
 decoder (``has_decoder``) for automatic instance segmentation (AIS) and prompt generation
 (APG).
