@@ -337,8 +337,8 @@ def test_cli_store_made_with_explicit_contrast_limits_is_used(tmp_path, monkeypa
     """`embed --contrast-limits` then `everything --store` without them: the store's own
     normalisation is used (a 16-bit stack), no encoder call."""
     import tifffile
-
     from conftest import patch_build_sam
+
     from napari_sam.cli import main
 
     image, truth = draw_objects((100, 120), grid=(2, 2), seed=3)

@@ -163,10 +163,10 @@ def test_a_failed_decoder_download_leaves_a_usable_model(xxh_server, tmp_path, m
 
 def test_assigning_a_decoder_keeps_sams_state_dict():
     import torch
+    from sam_factory import TINY_VIT_B
 
     from napari_sam.model import build_model
     from napari_sam.model.instance_decoder import InstanceDecoder
-    from sam_factory import TINY_VIT_B
 
     model = build_model(TINY_VIT_B)
     keys = set(model.state_dict())
