@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from conftest import dock
 from oracle import OracleInstanceDecoder, with_instance_decoder
 from test_automatic_oracle import FastOracle, draw_objects, iou
@@ -353,3 +354,23 @@ def test_cli_store_made_with_explicit_contrast_limits_is_used(tmp_path, monkeypa
                  "vit_t_lm", "--store", str(store), "--quiet"]) == 0, capsys.readouterr().err
     assert model.encode_calls == calls
     assert_recovers(tifffile.imread(tmp_path / "o.tif")[0], truth)
+
+
+def test_cancel_stops_the_real_decoder_between_its_stages():
+    """The AIS decoder is seconds of CPU at 1024²: a cancel acts between its stages, within a
+    second, instead of after the whole forward."""
+    import threading
+
+    from napari_sam.engine.predictor import ImageEmbedding
+    from napari_sam.model import build_model, get_config
+    from napari_sam.model.instance_decoder import InstanceDecoder
+
+    model = build_model(get_config("vit_t"))
+    model.checkpoint_sha256 = "random"
+    model.instance_decoder = InstanceDecoder(256, 1024)
+    embedding = ImageEmbedding(torch.randn(1, 256, 64, 64), (1024, 1024), (1024, 1024), model.signature)
+    cancel = threading.Event()
+    threading.Timer(0.3, cancel.set).start()
+    start = time.monotonic()
+    assert predict_decoder_outputs(model, embedding, cancel) is None
+    assert time.monotonic() - start < 0.3 + 1.5

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..model.instance_decoder import DecodingStopped, InstanceDecoder
 from .automatic import Progress, SamAutomaticMaskGenerator, run_to_end
 from .instance_segmentation import AisParameters, instances_from_decoder_outputs
 from .label_image import link_slices, masks_to_label_image
@@ -73,8 +74,11 @@ def default_mode(model) -> str:
 
 
 @torch.no_grad()
-def predict_decoder_outputs(model, embedding: ImageEmbedding) -> DecoderOutputs:
+def predict_decoder_outputs(model, embedding: ImageEmbedding,
+                            cancel: threading.Event | None = None) -> DecoderOutputs | None:
     """Run ``model.instance_decoder`` on a stored/cached/just computed embedding (no encoder).
+    Returns None when ``cancel`` is set (checked between the decoder's stages: a second at
+    most on a CPU).
 
     Raises:
         ValueError: the model has no AIS decoder, or the embedding was made by other weights.
@@ -88,7 +92,14 @@ def predict_decoder_outputs(model, embedding: ImageEmbedding) -> DecoderOutputs:
         raise ValueError(f"expected an embedding made by {signature}, got one made by "
                          f"{embedding.model_signature}")
     features = embedding.features.to(model.device, torch.float32)
-    maps = decoder(features, tuple(embedding.input_size), tuple(embedding.original_size))
+    sizes = (tuple(embedding.input_size), tuple(embedding.original_size))
+    if cancel is None or not isinstance(decoder, InstanceDecoder):
+        maps = decoder(features, *sizes)
+    else:
+        try:
+            maps = decoder(features, *sizes, should_stop=cancel.is_set)
+        except DecodingStopped:
+            return None
     maps = maps[0].float().cpu().numpy()  # (3, H, W)
     return DecoderOutputs(*(np.ascontiguousarray(m) for m in maps))
 
@@ -167,8 +178,8 @@ class SamInstanceSegmenter:
             labels = masks_to_label_image(masks, min_size=self.amg_min_size)
             return InstanceSegmentation(labels.astype(np.uint32), "amg")
         yield Progress(0, 1, "AIS decoder")
-        outputs = predict_decoder_outputs(self.model, embedding)
-        if cancel is not None and cancel.is_set():
+        outputs = predict_decoder_outputs(self.model, embedding, cancel)
+        if outputs is None or (cancel is not None and cancel.is_set()):
             return None
         maps = (outputs.foreground, outputs.center_distances, outputs.boundary_distances)
         if self.mode == "ais":

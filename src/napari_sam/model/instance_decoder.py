@@ -149,9 +149,11 @@ class _Decoder(nn.Module):
         self.blocks = nn.ModuleList(_ConvPair(cin, cout) for cin, cout in pairs)
         self.samplers = nn.ModuleList(_Upsampler(cin, cout, transposed) for cin, cout in pairs)
 
-    def forward(self, x: Tensor, skips: list[Tensor]) -> Tensor:
-        """x: (B, 512, S, S), skips (z9, z6, z3), channels-last -> (B, 64, 8S, 8S)."""
+    def forward(self, x: Tensor, skips: list[Tensor], stop=lambda: None) -> Tensor:
+        """x: (B, 512, S, S), skips (z9, z6, z3), channels-last -> (B, 64, 8S, 8S).
+        ``stop()`` is called before each level (it raises to stop)."""
         for block, sampler, skip, c in zip(self.blocks, self.samplers, skips, FEATURES[1:]):
+            stop()
             B, _, Sh, Sw = skip.shape
             both = x.new_empty(B, Sh, Sw, 2 * c)  # cat(upsampled x, skip): (B, 2S, 2S, 2c)
             sampler(x, both[..., :c])
@@ -159,6 +161,10 @@ class _Decoder(nn.Module):
             both[..., c:].copy_(skip[:, start : start + c].permute(0, 2, 3, 1))
             x = block(both.permute(0, 3, 1, 2), inplace=True)  # (B, c, 2S, 2S)
         return x
+
+
+class DecodingStopped(Exception):
+    """Raised by :meth:`InstanceDecoder.forward` when its ``should_stop()`` said so."""
 
 
 class InstanceDecoder(nn.Module):
@@ -196,12 +202,15 @@ class InstanceDecoder(nn.Module):
         image_embeddings: Tensor,
         input_size: tuple[int, int],
         original_size: tuple[int, int],
+        should_stop=None,
     ) -> Tensor:
         """
         Args:
             image_embeddings: (B, C, E, E) float, SAM image embeddings (E = img_size / 16).
             input_size: (h, w) of the image resized to longest side img_size, before padding.
             original_size: (H, W) of the original image.
+            should_stop: optional ``() -> bool`` asked between the ~10 stages (each well
+                under a second on a CPU); True raises :class:`DecodingStopped`.
 
         Returns:
             (B, 3, H, W) float in [0, 1], contiguous: channel 0 foreground probability,
@@ -216,14 +225,24 @@ class InstanceDecoder(nn.Module):
         )
         # the head reads cat(deconv_out(x), z0): both are written into this one buffer
         head = z12.new_empty(B, 16 * Eh, 16 * Ew, 2 * c)
+        def stop() -> None:
+            if should_stop is not None and should_stop():
+                raise DecodingStopped()
+
         z9 = self.deconv1(z12)  # (B, 512, 2E, 2E)
+        stop()
         z6 = self.deconv2(z9)  # (B, 256, 4E, 4E)
+        stop()
         z3 = self.deconv3(z6)  # (B, 128, 8E, 8E)
+        stop()
         self.deconv4(z3, out=head[..., c:])  # z0: (B, 64, 16E, 16E)
+        stop()
         x = self.base(z12)  # (B, 512, E, E)
-        x = self.decoder(x, [z9, z6, z3])  # (B, 64, 8E, 8E)
+        x = self.decoder(x, [z9, z6, z3], stop)  # (B, 64, 8E, 8E)
         del z3, z6, z9
+        stop()
         self.deconv_out(x, head[..., :c])  # (B, 64, 16E, 16E)
+        stop()
         # The output is resized to (img_size, img_size), then cropped to (h, w): when that
         # resize is the identity, only the cropped part needs the last convs.
         exact = (16 * Eh, 16 * Ew) == (self.img_size, self.img_size)
