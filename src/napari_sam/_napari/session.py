@@ -83,17 +83,20 @@ class SamSession:
     def has_model(self) -> bool:
         return self._model is not None
 
-    def load_model(self, model_type="vit_t", checkpoint=None, device=None, precision="auto"):
+    def load_model(self, model_type="vit_t", checkpoint=None, device=None, precision="auto",
+                   decoder_checkpoint=None):
         """Build a model with :func:`~napari_sam.engine.build_sam` and make it current.
 
         Blocking (download + load): from the GUI, build in a worker (as the widget's Load
         button does) and call :meth:`set_model` on the GUI thread.
-        Args: as ``build_sam`` — model_type "vit_t" | "vit_b" | "vit_l" | "vit_h" (or a
-        ``SamConfig``), checkpoint path (None = official file, downloaded once),
-        device None/"auto" | "cpu" | "cuda" | "mps", precision "auto" | "fp32" | "bf16" | "fp16".
+        Args: as ``build_sam`` — model_type a zoo name ("vit_t", "vit_b_lm", … or a
+        ``SamConfig``), checkpoint path (None = published file(s), downloaded once),
+        device None/"auto" | "cpu" | "cuda" | "mps", precision "auto" | "fp32" | "bf16" | "fp16",
+        decoder_checkpoint: a separate AIS decoder file (micro-sam's ``*_decoder.pt``).
         Returns the model.
         """
-        model = build_sam(model_type, checkpoint=checkpoint, device=device, precision=precision)
+        model = build_sam(model_type, checkpoint=checkpoint, device=device, precision=precision,
+                          decoder_checkpoint=decoder_checkpoint)
         self.set_model(model)
         return model
 
