@@ -18,7 +18,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model name (default vit_b): " + ", ".join(MODELS)
                         + "; see `napari-sam models`")
     parser.add_argument("--checkpoint", metavar="PATH",
-                        help="checkpoint file (default: official one, downloaded once)")
+                        help="checkpoint file (default: the model's published file(s), downloaded once)")
     parser.add_argument("--decoder-checkpoint", metavar="PATH",
                         help="AIS decoder file (micro-sam's *_decoder.pt) for a --checkpoint "
                              "without a decoder_state")

@@ -89,9 +89,10 @@ def add_parser(subparsers) -> None:
     ais, apg = AisParameters(), ApgParameters()
     for name, (kind, help_text) in AIS_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(ais, name),
-                       help=f"{help_text} (default {getattr(ais, name):.4g})")
+                       metavar="X", help=f"{help_text} (default {getattr(ais, name):.4g})")
     for name, (kind, help_text) in APG_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(apg, name),
+                       metavar="N" if kind is int else "X",
                        help=f"{help_text} (default {getattr(apg, name):.4g})")
     for name, help_text in APG_SWITCHES.items():
         p.add_argument("--" + name.replace("_", "-"), action="store_true", help=help_text)
