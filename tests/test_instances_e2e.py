@@ -374,3 +374,26 @@ def test_cancel_stops_the_real_decoder_between_its_stages():
     start = time.monotonic()
     assert predict_decoder_outputs(model, embedding, cancel) is None
     assert time.monotonic() - start < 0.3 + 1.5
+
+
+def test_cli_help_defaults_are_the_engines():
+    """The CLI writes AIS/APG defaults only for --help (its parser must not import torch);
+    they must be the engine's, and options left out keep the engine's values."""
+    import argparse
+
+    from napari_sam._cli import everything
+    from napari_sam.engine.instance_segmentation import AisParameters
+    from napari_sam.engine.prompt_generation import ApgParameters
+
+    for name, (_kind, default, _help) in everything.AIS_FLAGS.items():
+        assert getattr(AisParameters(), name) == default, name
+    for name, (_kind, default, _help) in everything.APG_FLAGS.items():
+        assert getattr(ApgParameters(), name) == default, name
+    assert everything.MIN_SIZE_DEFAULTS["ais"] == AisParameters().min_size
+    assert everything.MIN_SIZE_DEFAULTS["apg"] == ApgParameters().min_size
+    parser = argparse.ArgumentParser()
+    everything.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["everything", "x.tif", "-o", "y.tif", "--foreground-smoothing", "0"])
+    options = everything.segmenter_options(args)
+    assert options["ais"] == AisParameters(foreground_smoothing=0.0)
+    assert options["apg"] == ApgParameters()

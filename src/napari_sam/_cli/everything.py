@@ -51,18 +51,22 @@ GENERATOR_FLAGS = {
 }
 
 
-# --mode ais / apg: (type, help); defaults are the engine's (micro-sam's)
+# --mode ais / apg: (type, default, help). The defaults are AisParameters' / ApgParameters'
+# (micro-sam's), written here only for --help: the parser must not import the engine (torch)
+# before main runs (Ctrl-C, start-up time); tests/test_instances_e2e.py checks they agree.
+# An option left out keeps the engine's default.
 AIS_FLAGS = {
-    "center_distance_threshold": (float, "seeds: predicted centre distance below this"),
-    "boundary_distance_threshold": (float, "seeds: predicted boundary distance below this"),
-    "foreground_threshold": (float, "foreground: predicted probability above this"),
-    "foreground_smoothing": (float, "ais: Gaussian sigma for the foreground map"),
-    "distance_smoothing": (float, "ais: Gaussian sigma for the distance maps"),
+    "center_distance_threshold": (float, 0.5, "seeds: predicted centre distance below this"),
+    "boundary_distance_threshold": (float, 0.5, "seeds: predicted boundary distance below this"),
+    "foreground_threshold": (float, 0.5, "foreground: predicted probability above this"),
+    "foreground_smoothing": (float, 1.0, "ais: Gaussian sigma for the foreground map"),
+    "distance_smoothing": (float, 1.6, "ais: Gaussian sigma for the distance maps"),
 }
 APG_FLAGS = {
-    "nms_threshold": (float, "apg: mask overlap above which the worse mask is dropped"),
-    "batch_size": (int, "apg: prompts decoded together"),
+    "nms_threshold": (float, 0.9, "apg: mask overlap above which the worse mask is dropped"),
+    "batch_size": (int, 32, "apg: prompts decoded together"),
 }
+MIN_SIZE_DEFAULTS = {"ais": 0, "apg": 25, "amg": 0}
 APG_SWITCHES = {
     "multimasking": "apg: SAM picks the best of three masks per prompt",
     "intersection_over_min": "apg: overlap over the smaller mask instead of the union",
@@ -83,25 +87,17 @@ def add_parser(subparsers) -> None:
     p.add_argument("--mode", default="auto", choices=("auto", "ais", "apg", "amg"),
                    help="ais: instance decoder + watershed; apg: decoder prompts + SAM; amg: SAM "
                         "point grid; auto (default): ais if the model has a decoder, else amg")
-    from ..engine.instance_segmentation import AisParameters
-    from ..engine.prompt_generation import ApgParameters
-
-    ais, apg = AisParameters(), ApgParameters()
-    for name, (kind, help_text) in AIS_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(ais, name),
-                       metavar="X", help=f"{help_text} (default {getattr(ais, name):.4g})")
-    for name, (kind, help_text) in APG_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(apg, name),
-                       metavar="N" if kind is int else "X",
-                       help=f"{help_text} (default {getattr(apg, name):.4g})")
+    for name, (kind, default, help_text) in {**AIS_FLAGS, **APG_FLAGS}.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                       metavar="N" if kind is int else "X", help=f"{help_text} (default {default:.4g})")
     for name, help_text in APG_SWITCHES.items():
         p.add_argument("--" + name.replace("_", "-"), action="store_true", help=help_text)
     for name, (kind, default, help_text) in GENERATOR_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=default,
                        help=f"{help_text} (default {default:.4g})")
     p.add_argument("--min-size", type=int, default=None,
-                   help=f"drop smaller objects (pixels; default: {ais.min_size} for ais and amg, "
-                        f"{apg.min_size} for apg, as micro-sam)")
+                   help="drop smaller objects (pixels; default: {ais} for ais and amg, {apg} for "
+                        "apg, as micro-sam)".format(**MIN_SIZE_DEFAULTS))
     p.add_argument("--link-iou", type=float, default=0.25,
                    help="stack: IoU for objects of consecutive slices to share an id")
     p.add_argument("--rgb", default="auto", choices=("auto", "yes", "no"),
@@ -171,11 +167,15 @@ def segmenter_options(args) -> dict:
     from ..engine.instance_segmentation import AisParameters
     from ..engine.prompt_generation import ApgParameters
 
-    seeds = {name: getattr(args, name) for name in AIS_FLAGS}
+    def given(names) -> dict:  # options on the command line (None: the engine's default)
+        values = {n: getattr(args, n) for n in names}
+        return {n: v for n, v in values.items() if v is not None and v is not False}
+
+    seeds = given(AIS_FLAGS)
     size = {} if args.min_size is None else {"min_size": args.min_size}
     ais = dataclasses.replace(AisParameters(), **seeds, **size)
     apg_values = {k: v for k, v in seeds.items() if k not in ("foreground_smoothing", "distance_smoothing")}
-    apg_values.update({name: getattr(args, name) for name in (*APG_FLAGS, *APG_SWITCHES)})
+    apg_values.update(given((*APG_FLAGS, *APG_SWITCHES)))
     apg = dataclasses.replace(ApgParameters(), **apg_values, **size)
     ais.validate()
     apg.validate()
