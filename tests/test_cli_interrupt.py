@@ -20,10 +20,17 @@ from test_cli_embed import NAPARI_SAM, random_vit_t_checkpoint
 from napari_sam.engine.weights import _stamp_path
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C as in a terminal. A test runner started in the background by a
+    non-interactive shell ignores SIGINT, and children inherit that (Python then installs
+    no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_when_reading(fifo, args, timeout=120.0):
     """Run ``napari-sam *args``; once it opens ``fifo`` for reading, send SIGINT."""
     proc = subprocess.Popen([str(NAPARI_SAM), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     deadline, fd = time.monotonic() + timeout, None
     try:
         while fd is None:  # a writer can open a FIFO without blocking only once a reader has
@@ -76,7 +83,7 @@ def test_ctrl_c_while_loading_the_model(tmp_path, tmp_path_factory):
 def test_ctrl_c_right_after_start(tmp_path):
     proc = subprocess.Popen([str(NAPARI_SAM), "everything", tmp_path / "img.npy", "-o",
                              tmp_path / "o.tif"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
