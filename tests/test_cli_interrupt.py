@@ -20,17 +20,22 @@ from test_cli_embed import NAPARI_SAM, random_vit_t_checkpoint
 from napari_sam.engine.weights import _stamp_path
 
 
-def _default_sigint() -> None:
-    """In the child: Ctrl-C as in a terminal. A test runner started in the background by a
-    non-interactive shell ignores SIGINT, and children inherit that (Python then installs
-    no KeyboardInterrupt handler)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def start(args) -> subprocess.Popen:
+    """``napari-sam *args`` with Ctrl-C acting as in a terminal. A test runner started in the
+    background by a non-interactive shell ignores SIGINT, and a child inherits an ignored
+    signal (Python then installs no KeyboardInterrupt handler); one handled here is reset to
+    the default in the child."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen([str(NAPARI_SAM), *map(str, args)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def interrupt_when_reading(fifo, args, timeout=120.0):
     """Run ``napari-sam *args``; once it opens ``fifo`` for reading, send SIGINT."""
-    proc = subprocess.Popen([str(NAPARI_SAM), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+    proc = start(args)
     deadline, fd = time.monotonic() + timeout, None
     try:
         while fd is None:  # a writer can open a FIFO without blocking only once a reader has
@@ -81,9 +86,7 @@ def test_ctrl_c_while_loading_the_model(tmp_path, tmp_path_factory):
 
 
 def test_ctrl_c_right_after_start(tmp_path):
-    proc = subprocess.Popen([str(NAPARI_SAM), "everything", tmp_path / "img.npy", "-o",
-                             tmp_path / "o.tif"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+    proc = start(["everything", tmp_path / "img.npy", "-o", tmp_path / "o.tif"])
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
