@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from oracle import OracleSam
 from reference_shim import import_segment_anything
 
-from napari_sam.engine.automatic import Progress, SamAutomaticMaskGenerator, run_to_end, segment_stack
+from napari_sam.engine.automatic import Progress, SamAutomaticMaskGenerator, run_to_end
+from napari_sam.engine.instances import SamInstanceSegmenter
 from napari_sam.engine.label_image import masks_to_label_image
 
 ORACLE_PARAMS = dict(points_per_side=16, pred_iou_thresh=0.88, stability_score_thresh=0.8)
@@ -263,9 +263,10 @@ def test_stack_gives_one_id_per_object_through_z(oracle):
     stack = np.zeros(z.shape, np.uint8)
     for k, t in enumerate(truth):
         stack[t] = 80 + 60 * k
-    gen = SamAutomaticMaskGenerator(oracle, points_per_side=12, pred_iou_thresh=0.88, stability_score_thresh=0.7)
+    segmenter = SamInstanceSegmenter(oracle, "amg", amg={"points_per_side": 12, "pred_iou_thresh": 0.88,
+                                                             "stability_score_thresh": 0.7})
     steps = []
-    labels = run_to_end(segment_stack(gen, stack), steps.append)
+    labels = run_to_end(segmenter.stack_job(stack), steps.append)
     assert labels.shape == stack.shape and steps[-1].done == steps[-1].total
     ids = []
     for t in truth:

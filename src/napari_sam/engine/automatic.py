@@ -16,8 +16,9 @@ keep working) and returns the same masks. What differs is how the work is done:
   returns the :class:`MaskSet` — stop iterating to cancel; nothing outside it changes. It
   accepts an :class:`~napari_sam.engine.predictor.ImageEmbedding` computed elsewhere (e.g.
   by the interactive widget) so the image is not encoded twice;
-* :func:`segment_stack` runs it slice by slice through a (Z|T, Y, X) stack and links the
-  objects of consecutive slices into one id each (:mod:`napari_sam.engine.label_image`).
+* stacks (and the AIS / APG modes) go through
+  :class:`napari_sam.engine.instances.SamInstanceSegmenter`, whose ``stack_job`` runs any
+  mode slice by slice and links the objects of consecutive slices into one id each.
 """
 
 from __future__ import annotations
@@ -42,8 +43,14 @@ from .amg_utils import (
     stability_score,
 )
 from .image import resized_shape, to_rgb_uint8
-from .label_image import link_slices, masks_to_label_image
-from .mask_set import OUTPUT_MODES, CompactMask, MaskSet, postprocess_small_regions, require_pycocotools
+from .label_image import masks_to_label_image
+from .mask_set import (
+    OUTPUT_MODES,
+    CompactMask,
+    MaskSet,
+    postprocess_small_regions,
+    require_pycocotools,
+)
 from .predictor import ImageEmbedding, SamPredictor
 
 T = TypeVar("T")
@@ -405,50 +412,3 @@ def _is_int(value) -> bool:
 
 def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def segment_stack(
-    generator: SamAutomaticMaskGenerator,
-    stack: np.ndarray,
-    *,
-    contrast_limits: tuple[float, float] | None = None,
-    embedding_for: Callable[[int, np.ndarray], ImageEmbedding | None] | None = None,
-    link_iou: float = 0.25,
-    min_size: int = 0,
-) -> Generator[Progress, None, np.ndarray]:
-    """Segment every slice of a stack and give each object one id through the stack.
-
-    Args:
-        stack: (N, H, W) or (N, H, W, C) slices along z or t (any array-like; slices are read
-            one at a time).
-        contrast_limits: (low, high) used for every slice (so slices are normalised alike);
-            None normalises each slice on its own.
-        embedding_for: optional ``(index, slice) -> ImageEmbedding | None`` returning a
-            cached embedding of a slice.
-        link_iou: objects of consecutive slices overlapping with at least this IoU share an id.
-        min_size: objects with fewer visible pixels in a slice are dropped there.
-    Returns:
-        (N, H, W) int32 labels, 0 = background.
-    """
-    n = len(stack)
-    if n == 0 or np.ndim(stack[0]) not in (2, 3):
-        raise ValueError(f"expected a (N, H, W[, C]) stack with N >= 1, got shape {np.shape(stack)}")
-    labels = None
-    for z in range(n):
-        image = np.asarray(stack[z])
-        embedding = embedding_for(z, image) if embedding_for is not None else None
-        job = generator.run(image, embedding=embedding, contrast_limits=contrast_limits)
-        try:
-            while True:
-                try:
-                    step = next(job)
-                except StopIteration as stop:
-                    masks = stop.value
-                    break
-                yield Progress(z * step.total + step.done, n * step.total, f"slice {z + 1}/{n}, {step.message}")
-        finally:
-            job.close()  # cancelled: release the slice's predictor state now
-        if labels is None:
-            labels = np.zeros((n, *masks.image_size), dtype=np.int32)
-        labels[z] = masks_to_label_image(masks, min_size=min_size)
-    return link_slices(labels, min_iou=link_iou)

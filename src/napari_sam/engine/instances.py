@@ -20,7 +20,6 @@ or stored one (``embedding=``) and no encoder runs.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -184,7 +183,7 @@ class SamInstanceSegmenter:
         maps = (outputs.foreground, outputs.center_distances, outputs.boundary_distances)
         if self.mode == "ais":
             yield Progress(0, 1, "watershed")
-            labels = instances_from_decoder_outputs(*maps, **dataclasses.asdict(self.ais))
+            labels = instances_from_decoder_outputs(*maps, **self.ais.as_kwargs())
         else:
             self.predictor.set_embedding(embedding)
             labels = yield from prompt_generation_job(self.predictor, *maps, self.apg, cancel=cancel)
