@@ -49,7 +49,6 @@ def main() -> None:
     parser.add_argument("--amg", action="store_true", help="also time AMG 32x32 (slow on a CPU)")
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     args = parser.parse_args()
-    from bench_ais_postprocess import cpu_name
     from instance_targets import decoder_targets_from_labels, synthetic_cells
     from sam_factory import perturb_
 
@@ -114,7 +113,7 @@ def main() -> None:
         amg = time.perf_counter() - t0
         rows.append(f"| AMG 32x32 (ours, vit_b) | | {amg:.2f} | AIS is {amg / (ours_dec + ours_post):.1f}x faster |")
         amg_line = " AMG: one run."
-    where = torch.cuda.get_device_name(0) if device.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    where = torch.cuda.get_device_name(0) if device.type == "cuda" else f"{common.cpu_name()}, {torch.get_num_threads()} threads"
     body = "\n".join([
         "## Automatic instance segmentation (`benchmarks/bench_ais.py`)",
         "",

@@ -24,24 +24,11 @@ micro-sam is test-only: scripts/setup_env.sh --testing.
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import time
 
-import common  # noqa: F401  (puts tests/ on sys.path)
 import numpy as np
+from common import cpu_name  # also puts tests/ on sys.path
 from scipy import ndimage
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def random_fields(size: int, seed: int = 0, sigma: float = 6.0) -> tuple[np.ndarray, ...]:

@@ -18,8 +18,6 @@ both, and the painted textures fall apart into many small objects.
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import ROOT  # noqa: F401  (puts tests/ on sys.path)
+from common import ROOT, cpu_name  # noqa: F401  (ROOT: puts tests/ on sys.path)
 
 CASES = {
     "default": {},
@@ -35,17 +33,6 @@ CASES = {
     "refine": {"refine_with_box_prompts": True},
     "iomin": {"intersection_over_min": True},
 }
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or platform.machine()
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def build(size: int, cells: int):

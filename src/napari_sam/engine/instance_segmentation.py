@@ -36,6 +36,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 from scipy import ndimage
 
+from .automatic import _is_real
 from .watershed import seeded_watershed
 
 __all__ = ["AisParameters", "instances_from_decoder_outputs", "seed_markers", "smooth"]
@@ -85,10 +86,6 @@ class AisParameters:
 
 
 _DEFAULTS = AisParameters()
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _check_threshold(name: str, value: object) -> None:
