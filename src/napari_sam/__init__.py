@@ -5,6 +5,7 @@ Scripting entry points::
     from napari_sam import build_sam, SamPredictor, SamInstanceSegmenter
     predictor = SamPredictor(build_sam("vit_t"))
     labels = SamInstanceSegmenter(build_sam("vit_b_lm")).segment(image).labels  # AIS
+    tiled = TiledPredictor(build_sam("vit_t")); tiled.set_image(big_image)  # large images
 
 Code written for ``segment_anything`` runs with its imports changed (``sam_model_registry``,
 ``SamPredictor``, ``SamAutomaticMaskGenerator``, ``napari_sam.utils.transforms``): see
@@ -31,6 +32,9 @@ _LAZY = {
     "SamAutomaticMaskGenerator": ".engine.automatic",
     "SamInstanceSegmenter": ".engine.instances",
     "SamPredictor": ".engine",
+    "TileGrid": ".engine.tiling",
+    "TiledEmbedding": ".engine.tiled_predictor",
+    "TiledPredictor": ".engine.tiled_predictor",
     "build_sam": ".engine",
     "build_sam_vit_b": ".compat",
     "build_sam_vit_h": ".compat",
