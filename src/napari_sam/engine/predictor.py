@@ -13,7 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..model.interrupt import Stopped, stop_when
 from .image import ResizeLongestSide, require_resizable, to_rgb_uint8
+
+__all__ = ["ImageEmbedding", "SamPredictor", "Stopped", "sort_box_corners"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ class SamPredictor:
         image: np.ndarray,
         image_format: str = "RGB",
         contrast_limits: tuple[float, float] | None = None,
+        cancel=None,
     ) -> ImageEmbedding:
         """Encode ``image`` without changing the predictor's state (thread-friendly).
 
@@ -114,6 +118,10 @@ class SamPredictor:
                 float or bool. See :mod:`napari_sam.engine.image` for the normalisation.
             image_format: "RGB" or "BGR" channel order of a colour image.
             contrast_limits: optional (low, high) display range mapped to 0…255.
+            cancel: optional ``threading.Event``; once set, the encoder stops at its next
+                block (well under a second on a CPU) and :class:`Stopped` is raised.
+        Raises:
+            Stopped: ``cancel`` was set during the encode.
         """
         if image_format not in ("RGB", "BGR"):
             raise ValueError(f"expected image_format 'RGB' or 'BGR', got {image_format!r}")
@@ -123,7 +131,8 @@ class SamPredictor:
         require_resizable(rgb.shape[:2], self.transform.target_length)
         resized = self.transform.apply_image(np.ascontiguousarray(rgb))
         x = torch.from_numpy(np.array(resized)).to(self.device).permute(2, 0, 1)[None].float()
-        return self.encode_torch_image(x, rgb.shape[:2])
+        with stop_when(None if cancel is None else cancel.is_set):
+            return self.encode_torch_image(x, rgb.shape[:2])
 
     def encode_torch_image(
         self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]

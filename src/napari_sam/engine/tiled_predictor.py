@@ -19,7 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from .automatic import Progress, run_to_end
-from .predictor import ImageEmbedding, SamPredictor, _model_signature, sort_box_corners
+from .predictor import (
+    ImageEmbedding,
+    SamPredictor,
+    Stopped,
+    _model_signature,
+    sort_box_corners,
+)
 from .tiling import (
     Tile,
     TileGrid,
@@ -61,13 +67,14 @@ class TiledEmbedding:
 
 
 def encode_tile(predictor: SamPredictor, image, tile: Tile,
-                contrast_limits: tuple[float, float] | None) -> ImageEmbedding:
+                contrast_limits: tuple[float, float] | None, cancel=None) -> ImageEmbedding:
     """Encode one ``tile`` of an (H, W[, C]) array-like (reads that region only). An
-    all-NaN tile encodes as zeros (as an all-NaN stack slice does)."""
+    all-NaN tile encodes as zeros (as an all-NaN stack slice does). ``cancel`` (an Event)
+    stops the encoder within a block: :class:`~napari_sam.engine.predictor.Stopped`."""
     pixels = read_tile(image, tile)
     if pixels.dtype.kind == "f" and not np.isfinite(pixels).any():
         pixels = np.zeros(pixels.shape, dtype=np.float32)
-    return predictor.encode_image(pixels, contrast_limits=contrast_limits)
+    return predictor.encode_image(pixels, contrast_limits=contrast_limits, cancel=cancel)
 
 
 def resolve_tile_limits(image, grid: TileGrid, contrast_limits) -> tuple[float, float] | None:
@@ -91,7 +98,7 @@ def encode_tiles_job(predictor: SamPredictor, image, grid: TileGrid, contrast_li
                      ) -> Generator[Progress, None, TiledEmbedding | None]:
     """Encode every tile of ``image`` ((H, W) or (H, W, C) array-like, read one tile at a
     time). Yields :class:`Progress` after each tile; returns the :class:`TiledEmbedding`,
-    or None when ``cancel`` was set (checked between tiles).
+    or None when ``cancel`` was set (acts within an encoder block, well under a second).
 
     ``embedding_for(k)`` may return tile k's stored embedding (then it is not encoded).
     """
@@ -103,7 +110,12 @@ def encode_tiles_job(predictor: SamPredictor, image, grid: TileGrid, contrast_li
         if cancel is not None and cancel.is_set():
             return None
         embedding = embedding_for(tile.index) if embedding_for is not None else None
-        embeddings.append(embedding if embedding is not None else encode_tile(predictor, image, tile, limits))
+        if embedding is None:
+            try:
+                embedding = encode_tile(predictor, image, tile, limits, cancel)
+            except Stopped:
+                return None
+        embeddings.append(embedding)
         yield Progress(tile.index + 1, len(grid), f"tile {tile.index + 1}/{len(grid)}")
     return TiledEmbedding(grid, tuple(embeddings), limits)
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import LayerNorm2d, MLPBlock
+from .interrupt import raise_if_stopped
 
 
 class PatchEmbed(nn.Module):
@@ -250,4 +251,5 @@ class ImageEncoderViT(nn.Module):
         x = self.patch_embed(x) + self.pos_embed  # (B, S/16, S/16, D)
         for block in self.blocks:
             x = block(x)
+            raise_if_stopped()  # cancel acts between blocks (~0.5 s each for vit_b on a CPU)
         return self.neck(x.permute(0, 3, 1, 2))  # (B, out_chans, S/16, S/16)

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from .checkpoint import CheckpointError
 from .config import SamConfig
+from .interrupt import Stopped
 
 FEATURES = (512, 256, 128, 64)
 OUT_CHANNELS = 3  # foreground, centre distances, boundary distances
@@ -163,7 +164,7 @@ class _Decoder(nn.Module):
         return x
 
 
-class DecodingStopped(Exception):
+class DecodingStopped(Stopped):
     """Raised by :meth:`InstanceDecoder.forward` when its ``should_stop()`` said so."""
 
 

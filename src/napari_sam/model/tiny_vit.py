@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import LayerNorm2d
+from .interrupt import raise_if_stopped
 
 
 def _gelu_(x: torch.Tensor) -> torch.Tensor:
@@ -360,6 +361,7 @@ class TinyViT(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
         x = self.patch_embed(x)  # (B, D0, H/4, W/4)
         for layer in self.layers:
+            raise_if_stopped()  # cancel acts between stages (well under a second each)
             x = layer(x)  # (B, H/8, W/8, D1), then (B, H/16, W/16, D2), (B, H/16, W/16, D3)
         # (B, H/16, W/16, D3) -> (B, D3, H/16, W/16) channels-last view
         x = self.neck(x.permute(0, 3, 1, 2))  # (B, out_chans, H/16, W/16)
