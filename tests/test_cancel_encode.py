@@ -98,3 +98,20 @@ def test_tiled_encode_job_returns_none_within_the_tile_being_encoded(model):
         while True:
             steps.append(next(job))
     assert stop.value.value is None and len(steps) == 1 and cancel.blocks_run == 9
+
+
+def test_propagation_cancel_stops_inside_the_encode_of_an_uncached_slice(model):
+    """Propagation encodes slices it has not got; Cancel must not wait for that encode."""
+    from napari_sam.engine import VolumeEmbeddings, propagate
+
+    stack = np.random.default_rng(2).integers(0, 255, (5, 96, 96), dtype=np.uint8)
+    embeddings = VolumeEmbeddings(stack, model, contrast_limits=None)
+    embeddings.embedding(2)  # the start slice is cached, its neighbours are not
+    cancel = CancelAfter(model, 3)  # 3 blocks into the encode of slice 3
+    start = np.zeros((96, 96), bool)
+    start[30:60, 30:60] = True
+    job = propagate(model, embeddings, 2, start, cancel=cancel)
+    with pytest.raises(StopIteration) as stop:
+        next(job)
+    assert stop.value.value is None and cancel.blocks_run == 3
+    assert 3 not in embeddings._cache  # nothing half-encoded was kept

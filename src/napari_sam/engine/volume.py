@@ -59,7 +59,7 @@ from scipy import ndimage
 
 from .automatic import run_to_end
 from .mask_prompt import mask_to_logits
-from .predictor import SamPredictor
+from .predictor import SamPredictor, Stopped, stop_when
 
 VANISHED, LOW_IOU, RANGE, END, MET = "vanished", "low_iou", "range", "end", "met_other_side"
 DEFAULT_STRATEGY = "box+points"
@@ -229,15 +229,28 @@ def _predict(predictor, prev: _Slice, strategy: PromptStrategy, shift_xy=(0.0, 0
     return masks[best], float(scores[best]), low_res[best : best + 1]
 
 
+def _embedding_or_none(embeddings, index: int, cancel):
+    """``embeddings.embedding(index)``; an encode it needs stops within an encoder block
+    once ``cancel`` is set, and then None is returned (nothing was stored or cached)."""
+    if cancel is None:
+        return embeddings.embedding(index)
+    try:
+        with stop_when(cancel.is_set):
+            return embeddings.embedding(index)
+    except Stopped:
+        return None
+
+
 def _walk(predictor, embeddings, prev: _Slice, step: int, limit: int, end_reason: str,
           strategy: PromptStrategy, iou_threshold: float, min_area: int, cancel, out: list):
     """Propagate from ``prev`` by ``step`` up to slice ``limit`` (inclusive); appends
     accepted slices to ``out``; yields progress; returns the :class:`Stop`."""
     j, before = prev.index + step, None
     while (j - limit) * step <= 0:
-        if cancel is not None and cancel.is_set():
+        embedding = _embedding_or_none(embeddings, j, cancel)
+        if embedding is None or (cancel is not None and cancel.is_set()):
             return None
-        predictor.set_embedding(embeddings.embedding(j))
+        predictor.set_embedding(embedding)
         shift = (0.0, 0.0)
         if strategy.follow_motion and before is not None:  # constant velocity
             shift = _centroid_xy(prev.mask) - _centroid_xy(before.mask)
@@ -293,7 +306,8 @@ def propagate(predictor, embeddings, start_index: int, start_mask: np.ndarray, *
         stop_range: (low, high) inclusive slice indices not to go beyond.
         directions: (1,), (-1,) or both.
         start_logits: optional (1, 4He, 4We) SAM logits of ``start_mask`` (the preview's).
-        cancel: optional ``threading.Event``; when set, returns None.
+        cancel: optional ``threading.Event``; when set, returns None (an encode of a slice
+            not yet cached stops within an encoder block: well under a second).
     Returns (as the generator's value): :class:`PropagationResult`, or None if cancelled.
     """
     strategy = PromptStrategy.parse(strategy)
@@ -305,7 +319,10 @@ def propagate(predictor, embeddings, start_index: int, start_mask: np.ndarray, *
         raise ValueError(f"expected start {start_index} inside stop_range {stop_range} and "
                          f"directions among (1, -1), got {directions}")
     predictor = _own_predictor(predictor)
-    predictor.set_embedding(embeddings.embedding(start_index))
+    embedding = _embedding_or_none(embeddings, start_index, cancel)
+    if embedding is None:
+        return None
+    predictor.set_embedding(embedding)
     start = _Slice(start_index, mask, start_logits,
                    SliceStats(start_index, int(mask.sum()), 1.0, float("nan"), "start"))
     slices, stops = [start], []
