@@ -30,9 +30,12 @@ import torch
 from ..model.instance_decoder import DecodingStopped, InstanceDecoder
 from .automatic import Progress, SamAutomaticMaskGenerator, run_to_end
 from .instance_segmentation import AisParameters, instances_from_decoder_outputs
-from .label_image import link_slices, masks_to_label_image
+from .label_image import link_slice, masks_to_label_image
 from .predictor import ImageEmbedding, SamPredictor
 from .prompt_generation import ApgParameters, prompt_generation_job
+from .tiled_instances import nested_job, tiled_labels_job
+from .tiled_predictor import TiledEmbedding
+from .tiling import TileGrid, image_hw_of, tile_grid
 
 MODES = ("ais", "apg", "amg")
 
@@ -53,18 +56,22 @@ class InstanceSegmentation:
     """One image's instances.
 
     Attributes:
-        labels: (H, W) uint32, 0 = background, objects 1..n (ids consecutive).
+        labels: (H, W) uint32, 0 = background, objects 1..n (ids consecutive); the ``out``
+            array-like it was written into when one was given (e.g. zarr).
         mode: "ais" | "apg" | "amg".
-        decoder_outputs: the AIS decoder's maps (ais / apg), else None.
+        decoder_outputs: the AIS decoder's maps (ais / apg, untiled), else None.
+        count: the number of objects when known without reading ``labels`` (tiled runs).
     """
 
     labels: np.ndarray
     mode: str
     decoder_outputs: DecoderOutputs | None = None
+    count: int | None = None
 
     @property
     def n_objects(self) -> int:
-        return int(self.labels.max(initial=0))
+        """K, the number of objects (ids are 1..K)."""
+        return int(self.labels.max(initial=0)) if self.count is None else self.count
 
 
 def default_mode(model) -> str:
@@ -114,6 +121,8 @@ class SamInstanceSegmenter:
         apg: prompt-generation parameters (micro-sam's defaults), for "apg".
         amg: keyword arguments of :class:`SamAutomaticMaskGenerator`, for "amg".
         amg_min_size: for "amg", objects with fewer visible pixels are dropped.
+        stitch_overlap: tiled runs: two objects of overlapping tiles are one when the pixels
+            they share exceed this fraction of the smaller (see :mod:`.stitching`).
     Raises:
         ValueError: unknown mode, invalid parameters, or ais/apg without an AIS decoder.
     """
@@ -124,6 +133,7 @@ class SamInstanceSegmenter:
     apg: ApgParameters = field(default_factory=ApgParameters)
     amg: dict = field(default_factory=dict)
     amg_min_size: int = 0
+    stitch_overlap: float = 0.5
 
     def __post_init__(self) -> None:
         self.predictor = self.model if isinstance(self.model, SamPredictor) else SamPredictor(self.model)
@@ -139,29 +149,109 @@ class SamInstanceSegmenter:
         self._amg = SamAutomaticMaskGenerator(self.model, **self.amg) if self.mode == "amg" else None
 
     # ------------------------------------------------------------------ public API
-    def segment(self, image: np.ndarray | None = None, *, embedding: ImageEmbedding | None = None,
-                contrast_limits: tuple[float, float] | None = None) -> InstanceSegmentation:
-        """Instances of ``image`` ((H, W) or (H, W, C), any dtype), or of the image behind
-        ``embedding`` alone (ais / apg need no pixels; amg does)."""
-        return run_to_end(self.job(image, embedding=embedding, contrast_limits=contrast_limits))
+    def segment(self, image=None, **options) -> InstanceSegmentation:
+        """Instances of ``image`` ((H, W) or (H, W, C) array-like, any dtype), or of the
+        image behind an embedding alone (ais / apg need no pixels; amg does). ``options``:
+        those of :meth:`job` (but ``cancel``)."""
+        return run_to_end(self.job(image, **options))
 
-    def job(self, image: np.ndarray | None = None, *, embedding: ImageEmbedding | None = None,
-            contrast_limits: tuple[float, float] | None = None,
-            cancel: threading.Event | None = None) -> Generator[Progress, None, InstanceSegmentation | None]:
+    def job(self, image=None, *, embedding: ImageEmbedding | TiledEmbedding | None = None,
+            contrast_limits=None, cancel: threading.Event | None = None, tiling="off",
+            tile_shape=None, halo=None, grid: TileGrid | None = None,
+            embedding_for: Callable[[int], ImageEmbedding | None] | None = None,
+            out=None) -> Generator[Progress, None, InstanceSegmentation | None]:
         """:meth:`segment` as a long job: yields :class:`Progress`, returns the result, or
-        None when ``cancel`` was set (checked between steps, i.e. within one prompt batch)."""
-        if image is None and embedding is None:
+        None when ``cancel`` was set (checked between steps, i.e. within one prompt batch,
+        and between tiles).
+
+        Args:
+            image: (H, W) or (H, W, C) array-like (numpy, memmap, zarr, dask: a tiled run
+                reads one tile at a time), or None with an embedding (ais / apg).
+            embedding: the image's :class:`ImageEmbedding` (untiled), or a
+                :class:`~napari_sam.engine.tiled_predictor.TiledEmbedding` (tiled on its
+                grid, normalised as it was): no encoder call.
+            contrast_limits: (low, high) mapped to 0..255 before encoding; None: the image's
+                own robust range (tiled: one range for all tiles, as "auto").
+            tiling: "off" (default: one squeezed encode, as SAM does), "auto" (tiled when the
+                longest side exceeds :data:`~napari_sam.engine.tiling.AUTO_TILING_FACTOR`
+                model inputs) or "on"; ``tile_shape``, ``halo``: see
+                :func:`~napari_sam.engine.tiling.tile_grid` (defaults from the model's
+                ``image_size``).
+            grid: an explicit :class:`TileGrid` instead (e.g. a store's), tiled whatever
+                ``tiling`` says.
+            embedding_for: ``embedding_for(k)`` -> tile k's cached/stored embedding, or None
+                to encode it (tiled runs only).
+            out: (H, W) integer array-like of zeros to write the labels into (e.g. a zarr
+                array, written one tile region at a time); default a new numpy array.
+        Returns (the job's value) an :class:`InstanceSegmentation`; tiled: ``labels`` is
+        ``out`` (ids 1..K stitched across tiles, see :mod:`.stitching`), ``count`` is K and
+        ``decoder_outputs`` None.
+        """
+        if image is None and embedding is None and embedding_for is None:
             raise ValueError("expected an image or its embedding, got neither")
         if image is None and self.mode == "amg":
             raise ValueError("expected the image's pixels for mode 'amg' (its crops are "
                              "encoded again), got only an embedding")
+        grid = self._grid(image, embedding, tiling, tile_shape, halo, grid, embedding_for)
+        if grid is not None:
+            return (yield from self._tiled_job(image, grid, embedding, contrast_limits, embedding_for,
+                                               out, cancel))
+        result = yield from self._labels_job(image, embedding, contrast_limits, cancel)
+        if result is None:
+            return None
+        labels, outputs = result
+        if out is not None:
+            _check_out(out, labels.shape)
+            out[...] = labels
+            labels = out
+        return InstanceSegmentation(labels, self.mode, outputs)
+
+    def _grid(self, image, embedding, tiling, tile_shape, halo, grid, embedding_for) -> TileGrid | None:
+        """The tiling of this run, or None (untiled)."""
+        if isinstance(embedding, TiledEmbedding):
+            if grid is not None and grid != embedding.grid:
+                raise ValueError(f"expected the tiled embedding's grid {embedding.grid}, got {grid}")
+            return embedding.grid
+        if embedding is not None:
+            if grid is not None or embedding_for is not None:
+                raise ValueError("expected a grid / embedding_for with a TiledEmbedding or an image, "
+                                 "got an untiled ImageEmbedding")
+            return None
+        if grid is None and image is not None:
+            grid = tile_grid(image_hw_of(image), self.model.image_size, tiling, tile_shape, halo)
+        if grid is None and embedding_for is not None:
+            raise ValueError("expected a grid (or tiling of a large image) with embedding_for, got none")
+        return grid
+
+    def _tiled_job(self, image, grid, embedding, contrast_limits, embedding_for, out, cancel):
+        if isinstance(embedding, TiledEmbedding):
+            tiles = embedding.tiles
+            embedding_for = tiles.__getitem__
+            contrast_limits = embedding.contrast_limits if contrast_limits is None else contrast_limits
+        if out is not None:
+            _check_out(out, grid.image_hw)
+        min_size = self.amg_min_size if self.mode == "amg" else 0
+        result = yield from tiled_labels_job(
+            self._labels_job, self.predictor, image, grid, mode=self.mode, contrast_limits=contrast_limits,
+            embedding_for=embedding_for, out=out, min_overlap=self.stitch_overlap, min_size=min_size,
+            cancel=cancel)
+        if self.mode == "apg":
+            self.predictor.reset_image()  # the last tile's embedding is not kept
+        if result is None:
+            return None
+        labels, count = result
+        return InstanceSegmentation(labels, self.mode, None, count)
+
+    def _labels_job(self, image, embedding, contrast_limits, cancel
+                    ) -> Generator[Progress, None, tuple[np.ndarray, DecoderOutputs | None] | None]:
+        """One (untiled) image or tile: ((H, W) uint32 labels, decoder outputs or None)."""
         if embedding is None:
             yield Progress(0, 1, "encoding")
-            embedding = self.predictor.encode_image(image, contrast_limits=contrast_limits)
+            embedding = self.predictor.encode_image(np.asarray(image), contrast_limits=contrast_limits)
             if cancel is not None and cancel.is_set():
                 return None
         if self.mode == "amg":
-            run = self._amg.run(image, embedding=embedding, contrast_limits=contrast_limits)
+            run = self._amg.run(np.asarray(image), embedding=embedding, contrast_limits=contrast_limits)
             try:
                 while True:
                     try:
@@ -175,7 +265,7 @@ class SamInstanceSegmenter:
             finally:
                 run.close()
             labels = masks_to_label_image(masks, min_size=self.amg_min_size)
-            return InstanceSegmentation(labels.astype(np.uint32), "amg")
+            return labels.astype(np.uint32), None
         yield Progress(0, 1, "AIS decoder")
         outputs = predict_decoder_outputs(self.model, embedding, cancel)
         if outputs is None or (cancel is not None and cancel.is_set()):
@@ -189,43 +279,58 @@ class SamInstanceSegmenter:
             labels = yield from prompt_generation_job(self.predictor, *maps, self.apg, cancel=cancel)
             if labels is None:
                 return None
-        return InstanceSegmentation(np.asarray(labels, dtype=np.uint32), self.mode, outputs)
+        return np.asarray(labels, dtype=np.uint32), outputs
 
     def stack_job(self, stack, *, contrast_limits: tuple[float, float] | None = None,
-                  embedding_for: Callable[[int], ImageEmbedding | None] | None = None,
-                  link_iou: float = 0.25, cancel: threading.Event | None = None,
-                  ) -> Generator[Progress, None, np.ndarray | None]:
-        """Every slice of ``stack`` ((N, H, W[, C]), read one slice at a time), objects of
-        consecutive slices overlapping with IoU >= ``link_iou`` sharing one id.
+                  embedding_for: Callable[[int], object] | None = None,
+                  link_iou: float = 0.25, cancel: threading.Event | None = None, out=None,
+                  tiling="off", tile_shape=None, halo=None, grid: TileGrid | None = None,
+                  ) -> Generator[Progress, None, object]:
+        """Every slice of ``stack`` ((N, H, W[, C]) array-like, read one slice at a time),
+        objects of consecutive slices overlapping with IoU >= ``link_iou`` sharing one id
+        (as :func:`~napari_sam.engine.label_image.link_slices` on the whole stack).
 
-        ``embedding_for(i)`` may return slice i's cached/stored embedding (no encoder then).
-        Returns (N, H, W) uint32 labels, or None when cancelled.
+        Slices are segmented, linked to the previous slice and written one at a time:
+        besides ``out``, two slices' labels are in memory.
+
+        Args:
+            embedding_for: ``embedding_for(i)`` -> slice i's cached/stored embedding (no
+                encoder then) or None; for tiled slices a
+                :class:`~napari_sam.engine.tiled_predictor.TiledEmbedding` or a callable
+                ``k -> ImageEmbedding | None`` (tile k of slice i).
+            out: (N, H, W) array-like (e.g. a zarr array) written slice by slice; default a
+                new (N, H, W) uint32 numpy array.
+            tiling, tile_shape, halo, grid: tiling of every slice, as in :meth:`job`.
+        Returns (the job's value) ``out`` with ids 1..K over the stack, or None when cancelled.
         """
         n = len(stack)
         if n == 0:
             raise ValueError(f"expected a stack of at least one slice, got shape {np.shape(stack)}")
-        labels = None
+        prev, next_id = None, 1
         for z in range(n):
-            embedding = embedding_for(z) if embedding_for is not None else None
-            image = None if embedding is not None and self.mode != "amg" else np.asarray(stack[z])
-            job = self.job(image, embedding=embedding, contrast_limits=contrast_limits, cancel=cancel)
-            try:
-                while True:
-                    try:
-                        step = next(job)
-                    except StopIteration as stop:
-                        result = stop.value
-                        break
-                    total = max(step.total, 1)
-                    yield Progress(z * total + step.done, n * total, f"slice {z + 1}/{n}: {step.message}")
-                    if cancel is not None and cancel.is_set():
-                        return None
-            finally:
-                job.close()
+            given = embedding_for(z) if embedding_for is not None else None
+            options = {"tiling": tiling, "tile_shape": tile_shape, "halo": halo, "grid": grid}
+            if callable(given) and not isinstance(given, (ImageEmbedding, TiledEmbedding)):
+                options["embedding_for"], given = given, None  # tiles on demand: pixels for the rest
+            whole = isinstance(given, (ImageEmbedding, TiledEmbedding)) and self.mode != "amg"
+            image = None if whole else np.asarray(stack[z])
+            job = self.job(image, embedding=given, contrast_limits=contrast_limits, cancel=cancel, **options)
+            result = yield from nested_job(job, cancel, z, n, "slice")
             if result is None:
                 return None
-            if labels is None:
-                labels = np.zeros((n, *result.labels.shape), dtype=np.uint32)
-            labels[z] = result.labels
-        yield Progress(n, n, "linking slices")
-        return link_slices(labels, min_iou=link_iou).astype(np.uint32)
+            labels = np.asarray(result.labels)
+            if out is None:
+                out = np.zeros((n, *labels.shape), dtype=np.uint32)
+            _check_out(out, (n, *labels.shape))
+            prev, next_id = link_slice(prev, labels, next_id, link_iou)
+            out[z] = prev.astype(np.uint32)
+            del result, labels
+        return out
+
+
+def _check_out(out, shape) -> None:
+    """ValueError unless ``out`` is an integer array-like of ``shape``."""
+    got = tuple(int(s) for s in getattr(out, "shape", ()))
+    if got != tuple(shape) or not np.issubdtype(np.dtype(getattr(out, "dtype", object)), np.integer):
+        raise ValueError(f"expected out an integer array of shape {tuple(shape)}, got shape {got} "
+                         f"dtype {getattr(out, 'dtype', None)}")

@@ -75,18 +75,27 @@ def link_slices(labels: np.ndarray, min_iou: float = 0.25) -> np.ndarray:
     out = np.zeros(labels.shape, dtype=np.int32)
     next_id = 1
     for z in range(labels.shape[0]):
-        cur = labels[z].astype(np.int64)
-        ids = np.unique(cur[cur > 0])
-        lut = np.zeros(int(cur.max()) + 1 if cur.size else 1, dtype=np.int32)
-        if z > 0:
-            for cur_id, prev_id in _match(out[z - 1], cur, min_iou):
-                lut[cur_id] = prev_id
-        for cur_id in ids:
-            if lut[cur_id] == 0:
-                lut[cur_id] = next_id
-                next_id += 1
-        out[z] = lut[cur]
+        out[z], next_id = link_slice(out[z - 1] if z > 0 else None, labels[z], next_id, min_iou)
     return out
+
+
+def link_slice(prev: np.ndarray | None, cur: np.ndarray, next_id: int,
+               min_iou: float = 0.25) -> tuple[np.ndarray, int]:
+    """One step of :func:`link_slices`: slice ``cur`` ((H, W) int, its own ids) relabelled
+    against the already linked previous slice ``prev`` ((H, W) int, None for the first);
+    unmatched objects get ids from ``next_id`` on. Returns ((H, W) int32, the next free id)
+    — so a stack can be linked slice by slice with two slices in memory."""
+    cur = np.asarray(cur).astype(np.int64)
+    ids = np.unique(cur[cur > 0])
+    lut = np.zeros(int(cur.max()) + 1 if cur.size else 1, dtype=np.int32)
+    if prev is not None:
+        for cur_id, prev_id in _match(np.asarray(prev), cur, min_iou):
+            lut[cur_id] = prev_id
+    for cur_id in ids:
+        if lut[cur_id] == 0:
+            lut[cur_id] = next_id
+            next_id += 1
+    return lut[cur], next_id
 
 
 def _match(prev: np.ndarray, cur: np.ndarray, min_iou: float) -> list[tuple[int, int]]:
