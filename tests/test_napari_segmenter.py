@@ -25,6 +25,7 @@ def segmenter_for(image: np.ndarray, image_size: int = 256, **layer_kw):
     layer = viewer.add_image(image, **layer_kw)
     session = SamSession()
     session.set_model(OracleSam(image_size=image_size))
+    session.set_tiling("off")  # one squeezed encode per plane (tiled planes: test_napari_tiled.py)
     seg = InteractiveSegmenter(viewer, session)
     seg.auto_encode = False
     seg.set_image_layer(layer)

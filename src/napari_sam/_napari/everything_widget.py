@@ -47,6 +47,7 @@ from qtpy.QtWidgets import (
 from ..engine.automatic import Progress, SamAutomaticMaskGenerator, run_to_end
 from ..engine.instance_segmentation import AisParameters
 from ..engine.instances import MODES, SamInstanceSegmenter, default_mode
+from ..engine.predictor import Stopped
 from ..engine.prompt_generation import ApgParameters
 from .geometry import PlaneError, base_data, current_plane, plane_pixels
 from .jobs import JobRunner
@@ -61,6 +62,8 @@ from .session import (
     real_viewer,
     session_for,
 )
+from .tiles import describe_plane
+from .tiling_panel import TilingPanel
 from .ui import fit_narrow_docks, scrolled_body
 
 NEW_LABELS = "new layer: SAM everything"
@@ -154,7 +157,11 @@ class SegmentEverythingWidget(QWidget):
         for ev in (events.inserted, events.removed, events.reordered):
             ev.connect(self._refresh_layers)
         self.session.model_changed.connect(self._show_model)
-        on_close(self, _cleanup(self.viewer, self.session, self._refresh_layers, self._show_model, self.runner))
+        self.session.tiling_changed.connect(self._show_tiling)
+        self.viewer.dims.events.current_step.connect(self._show_tiling)
+        self._image_combo.currentIndexChanged.connect(self._show_tiling)
+        on_close(self, _cleanup(self.viewer, self.session, self._refresh_layers, self._show_model, self.runner,
+                                self._show_tiling, self.tiling))
         self._refresh_layers()
         self._show_model(self.session.model)
 
@@ -200,6 +207,8 @@ class SegmentEverythingWidget(QWidget):
         self._link_iou.setToolTip(LINK_IOU[4])
         data.addRow("Mode", self._mode)
         data.addRow("Link IoU", self._link_iou)
+        self.tiling = TilingPanel(self.session)
+        layout.addWidget(self.tiling)
         self._forms = {
             "ais": ParamForm.for_dataclass("AIS parameters", AisParameters, AIS_SPEC),
             "apg": ParamForm.for_dataclass("APG parameters", ApgParameters, APG_SPEC),
@@ -239,6 +248,7 @@ class SegmentEverythingWidget(QWidget):
             self._model_label.setText("No model yet: load one in the Segment Anything widget "
                                       "(or widget.session.load_model(...)).")
             return
+        self._show_tiling()
         has_decoder = getattr(model, "instance_decoder", None) is not None
         name = getattr(model, "model_type", type(model).__name__)
         self._model_label.setText(f"Model: {name}" + (" (with AIS decoder)" if has_decoder else
@@ -250,6 +260,23 @@ class SegmentEverythingWidget(QWidget):
             item.setToolTip(MODE_TIPS[mode] if has_decoder else
                             f"{MODE_TIPS[mode]}. This model has none: load e.g. vit_t_lm or vit_b_lm")
         self._mode.setCurrentIndex(self._mode.findData(default_mode(model)))
+
+    def _show_tiling(self, *_args) -> None:
+        """The tiling panel follows the chosen image; its status says how the shown plane
+        is cut (e.g. "tiled: 7 x 4 tiles of 1024 px (3/28 encoded)")."""
+        image = self._image_combo.currentData()
+        if self.tiling._layer is not image:
+            self.tiling.set_layer(image)
+        if image is None:
+            self.tiling.set_status("")
+            return
+        source = self.session.source_for(image)
+        try:
+            plane = current_plane(self.viewer.dims, source)
+        except PlaneError as exc:
+            self.tiling.set_status(str(exc))
+            return
+        self.tiling.set_status(describe_plane(self.session, source, plane))
 
     def _show_mode_form(self, *_args) -> None:
         for mode, form in self._forms.items():
@@ -351,16 +378,20 @@ class SegmentEverythingWidget(QWidget):
         image = self._image_combo.currentData()
         if image is None:
             raise ValueError("add an image layer first")
-        plane = current_plane(self.viewer.dims, image)
+        source = self.session.source_for(image)  # the layer, or the chosen level of a pyramid
+        plane = current_plane(self.viewer.dims, source)
         labels = self._labels_combo.currentData()
         segmenter = self._segmenter()
         link_iou = self._link_iou.value()
-        limits = contrast_limits_of(self.session.normalisation_for(image))
-        target = {"image": image, "labels": labels, "model": self.session.model,
+        limits = contrast_limits_of(self.session.normalisation_for(source))
+        grid = self.session.grid_for(source, plane)
+        target = {"image": image, "source": source, "labels": labels, "model": self.session.model,
                   "world_point": tuple(self.viewer.dims.point), "overwrite": self._overwrite.isChecked()}
+        if scope == "slice" and grid is not None:
+            return self._tiled_slice_job(segmenter, source, plane, grid), target
         if scope == "slice":
-            _key, encode = self.session.encode_job(image, plane)
-            data = base_data(image)
+            _key, encode = self.session.encode_job(source, plane)
+            data = base_data(source)
 
             def job(cancel):
                 yield Progress(0, 1, "encoding")
@@ -374,15 +405,40 @@ class SegmentEverythingWidget(QWidget):
         hidden = [a for a in range(plane.ndim) if a not in plane.axes_rc]
         if not hidden:
             raise ValueError("the image is 2D: use scope 'current slice'")
-        slices = SliceEmbeddings(self.session, image, plane, axis=hidden[-1])
+        slices = SliceEmbeddings(self.session, source, plane, axis=hidden[-1])
+        tiled = None if grid is None else [self.session.tile_source(source, slices.plane(i), grid)
+                                           for i in range(len(slices))]
 
         def job(cancel):
-            stack = yield from segmenter.stack_job(_PlaneStack(slices), contrast_limits=limits,
-                                                   embedding_for=slices.embedding, link_iou=link_iou,
-                                                   cancel=cancel)
+            def embedding_for(z):  # tiled: the slice's tiles, cached or encoded once
+                return slices.embedding(z) if tiled is None else (lambda k: tiled[z].embedding(k, cancel))
+
+            try:
+                stack = yield from segmenter.stack_job(_PlaneStack(slices), contrast_limits=limits,
+                                                       embedding_for=embedding_for, link_iou=link_iou,
+                                                       cancel=cancel, grid=grid)
+            except Stopped:  # cancelled inside a tile's encode
+                return None
             return None if stack is None else ([slices.plane(i) for i in range(len(slices))], stack)
 
         return job, target
+
+    def _tiled_slice_job(self, segmenter, source, plane, grid):
+        """The job of one tiled plane: every tile through the engine's tiled run, its
+        embeddings from the session (cached by the interactive widget, or encoded here
+        once and cached for it); objects stitched across tiles."""
+        tiles = self.session.tile_source(source, plane, grid)
+
+        def job(cancel):
+            try:
+                result = yield from segmenter.job(tiles.image, contrast_limits=tiles.contrast_limits, grid=grid,
+                                                  embedding_for=lambda k: tiles.embedding(k, cancel),
+                                                  cancel=cancel)
+            except Stopped:  # cancelled inside a tile's encode
+                return None
+            return None if result is None else ([plane], np.asarray(result.labels)[None])
+
+        return job
 
     def _segmenter(self) -> SamInstanceSegmenter:
         """The engine for the current mode and parameters (ValueError: e.g. AIS without a
@@ -420,9 +476,9 @@ class SegmentEverythingWidget(QWidget):
         labels = target["labels"]
         created = labels is None or labels not in self.viewer.layers
         if created:
-            labels = new_labels_layer(self.viewer, target["image"], "SAM everything")
+            labels = new_labels_layer(self.viewer, target["source"], "SAM everything")
         try:
-            written = write_objects(labels, target["image"], planes, stack, world_point=target["world_point"],
+            written = write_objects(labels, target["source"], planes, stack, world_point=target["world_point"],
                                     overwrite=target["overwrite"])
         except LabelsWriteError as exc:
             if created:  # leave no empty layer behind
@@ -431,15 +487,19 @@ class SegmentEverythingWidget(QWidget):
             return None
         covered = f" ({written.covered} more lay entirely on existing labels)" if written.covered else ""
         self._report(f"{len(written.label_ids)} objects written to '{labels.name}'{covered}")
+        self._show_tiling()
         return labels
 
 
-def _cleanup(viewer, session, refresh, show_model, runner):
+def _cleanup(viewer, session, refresh, show_model, runner, show_tiling, panel):
     """What to undo when the widget is closed (a plain function: Qt no longer calls
     methods of a destroyed widget): cancel and join the job, unhook from viewer/session."""
 
     def run(*_args) -> None:
         runner.shutdown()
+        panel.close_panel()
+        session.tiling_changed.disconnect(show_tiling)
+        viewer.dims.events.current_step.disconnect(show_tiling)
         events = viewer.layers.events
         for ev in (events.inserted, events.removed, events.reordered):
             ev.disconnect(refresh)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 
 
-
 class PlaneError(ValueError):
     """The viewer shows nothing of the image that SAM could segment (message for the user)."""
 
@@ -114,10 +113,40 @@ def plane_image(layer, plane: SlicePlane) -> np.ndarray:
 def plane_pixels(data, plane: SlicePlane) -> np.ndarray:
     """The pixels of ``plane`` of a layer's (full-resolution) data array; reads only this
     plane (dask, zarr), so a worker thread can call it with an array captured earlier."""
-    data = np.asarray(data[plane.slicer])
-    if plane.axes_rc[0] > plane.axes_rc[1]:  # transposed view: rows are the later axis
-        data = np.swapaxes(data, 0, 1)
-    return data
+    return PlaneView(data, plane)[:, :]
+
+
+class PlaneView:
+    """One plane of a layer's data array as a lazy (H, W) or (H, W, C) array-like.
+
+    ``view[rows, cols]`` (two slices) reads only that region of the plane from the
+    underlying array (numpy, memmap, zarr, dask…): tiles of a huge plane are read one
+    at a time, never the whole plane. Has ``shape``, ``dtype`` and ``ndim`` (what
+    :func:`napari_sam.engine.tiling.read_tile` and the engine's tiled jobs need).
+    """
+
+    def __init__(self, data, plane: SlicePlane) -> None:
+        self.data, self.plane = data, plane
+        extra = tuple(int(s) for s in data.shape[plane.ndim:])  # RGB(A) channels
+        self.shape = (*plane.shape_hw, *extra)
+        self.dtype = np.dtype(data.dtype)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        rows, cols = (*key, slice(None), slice(None))[:2]
+        if not (isinstance(rows, slice) and isinstance(cols, slice)) or len(key) > 2:
+            raise ValueError(f"expected view[rows, cols] with two slices, got {key!r}")
+        index = list(self.plane.slicer)
+        index[self.plane.axes_rc[0]], index[self.plane.axes_rc[1]] = rows, cols
+        out = np.asarray(self.data[tuple(index)])
+        if self.plane.axes_rc[0] > self.plane.axes_rc[1]:  # transposed view: rows are the later axis
+            out = np.swapaxes(out, 0, 1)
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[:, :]
+        return out if dtype is None else out.astype(dtype)
 
 
 def affine_between(src, dst, world_point=None) -> tuple[np.ndarray, np.ndarray]:
@@ -200,6 +229,11 @@ def box_from_corners_rc(corners_rc: np.ndarray, shape_hw: tuple[int, int]) -> np
 def mask_indices(mask_hw: np.ndarray, plane: SlicePlane) -> tuple[np.ndarray, ...]:
     """(H, W) bool mask of a plane -> index tuple (ndim arrays) into the layer data."""
     rows, cols = np.nonzero(mask_hw)
+    return rc_indices(rows, cols, plane)
+
+
+def rc_indices(rows: np.ndarray, cols: np.ndarray, plane: SlicePlane) -> tuple[np.ndarray, ...]:
+    """(N,) rows and (N,) cols of a plane -> index tuple (ndim arrays) into the layer data."""
     out = []
     for axis, i in enumerate(plane.index):
         if axis == plane.axes_rc[0]:

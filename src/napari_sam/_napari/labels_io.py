@@ -25,8 +25,16 @@ from dataclasses import dataclass, field
 import numpy as np
 from napari.layers import Labels
 
-from .geometry import (SlicePlane, affine_between, base_data, is_identity, map_coords, mask_indices, nearest,
-                       spatial_shape)
+from .geometry import (
+    SlicePlane,
+    affine_between,
+    base_data,
+    is_identity,
+    map_coords,
+    nearest,
+    rc_indices,
+    spatial_shape,
+)
 from .prompt_layers import LABELS_ROLE, ROLE_KEY, copy_spatial, find_layer
 
 
@@ -147,10 +155,9 @@ class PlaneTargets:
         shape = spatial_shape(labels)
         forward = affine_between(image, labels, world_point)
         if is_identity(forward) and shape == spatial_shape(image):  # same grid: direct
-            region = np.zeros((h, w), dtype=bool)
-            region[r0 : r1 + 1, c0 : c1 + 1] = True
-            self.index = mask_indices(region, plane)
-            self.rc = np.stack([self.index[plane.axes_rc[0]], self.index[plane.axes_rc[1]]], axis=1)
+            rr, cc = np.meshgrid(np.arange(r0, r1 + 1), np.arange(c0, c1 + 1), indexing="ij")
+            self.index = rc_indices(rr.ravel(), cc.ravel(), plane)
+            self.rc = np.stack([rr.ravel(), cc.ravel()], axis=1)
             return
         empty = tuple(np.zeros(0, np.intp) for _ in shape), np.zeros((0, 2), np.intp)
         # the region's corners (pixel edges) in target coordinates bound the candidates
@@ -193,17 +200,17 @@ def _plane_to_data(points_rc: np.ndarray, plane: SlicePlane) -> np.ndarray:
     return out
 
 
-def labels_on_plane(labels: Labels, image, plane: SlicePlane, world_point=None) -> np.ndarray:
+def labels_on_plane(labels: Labels, image, plane: SlicePlane, world_point=None, region=None) -> np.ndarray:
     """(H, W) the label value napari shows at each image pixel of ``plane`` (nearest target
-    pixel; 0 outside the target layer)."""
+    pixel; 0 outside the target layer); ``region`` (r0, c0, h, w): only that part, (h, w)."""
     transform = affine_between(image, labels, world_point)
     data, shape = base_data(labels), spatial_shape(labels)
+    r0, c0, h, w = region if region is not None else (0, 0, *plane.shape_hw)
     if is_identity(transform) and shape == spatial_shape(image):
-        from .geometry import plane_pixels
+        from .geometry import PlaneView
 
-        return plane_pixels(data, plane)
-    h, w = plane.shape_hw
-    rr, cc = np.mgrid[:h, :w]
+        return PlaneView(data, plane)[r0 : r0 + h, c0 : c0 + w]
+    rr, cc = np.mgrid[r0 : r0 + h, c0 : c0 + w]
     rc = np.stack([rr.ravel(), cc.ravel()], axis=1)
     coords = nearest(map_coords(_plane_to_data(rc, plane), transform)).astype(np.intp)
     ok = np.all((coords >= 0) & (coords < np.array(shape)), axis=1)
@@ -212,9 +219,11 @@ def labels_on_plane(labels: Labels, image, plane: SlicePlane, world_point=None) 
     return values.reshape(h, w)
 
 
-def label_mask_on_plane(labels: Labels, image, plane: SlicePlane, label_id: int, world_point=None) -> np.ndarray:
-    """(H, W) bool: where object ``label_id`` of ``labels`` lies on the image plane."""
-    return labels_on_plane(labels, image, plane, world_point) == label_id
+def label_mask_on_plane(labels: Labels, image, plane: SlicePlane, label_id: int, world_point=None,
+                        region=None) -> np.ndarray:
+    """(H, W) bool: where object ``label_id`` of ``labels`` lies on the image plane (or
+    (h, w) in ``region`` (r0, c0, h, w))."""
+    return labels_on_plane(labels, image, plane, world_point, region) == label_id
 
 
 def _check_target(labels) -> np.dtype:
@@ -250,6 +259,7 @@ def write_objects(
     overwrite: bool = False,
     fixed_ids: dict[int, int] | None = None,
     replace_id: int | None = None,
+    offset_rc: tuple[int, int] = (0, 0),
 ) -> CommitResult:
     """Write objects given on image planes into ``labels`` as ONE undo step (or nothing).
 
@@ -263,6 +273,9 @@ def write_objects(
             other objects get new ids from max + 1, in object-number order.
         replace_id: refining: this label's pixels on ``planes`` that the new object does
             not cover are cleared, and its pixels may be painted over.
+        offset_rc: (row, col) of ``ids_hw[p, 0, 0]`` on each plane: the ids cover only the
+            (h, w) region there (e.g. objects of a tile of a large plane); outside it,
+            no object.
     Where several planes fall on the same target pixels (a Labels layer with coarser z),
     a pixel gets the object of the last plane that has one there.
     Returns: what was written (:class:`CommitResult`).
@@ -277,19 +290,27 @@ def write_objects(
     data = base_data(labels)
     fixed_ids = dict(fixed_ids or {})
     idx_parts, local_parts = [], []
+    o_r, o_c = (int(v) for v in offset_rc)
     for plane, local_hw in zip(planes, ids_hw):
-        if local_hw.shape != tuple(plane.shape_hw):
-            raise LabelsWriteError(f"expected objects of shape {plane.shape_hw}, got {local_hw.shape}")
+        h, w = local_hw.shape
+        if min(o_r, o_c) < 0 or o_r + h > plane.shape_hw[0] or o_c + w > plane.shape_hw[1]:
+            raise LabelsWriteError(f"expected objects inside the plane {plane.shape_hw}, got {local_hw.shape} "
+                                   f"at {(o_r, o_c)}")
         region = _region(local_hw)
+        region = None if region is None else (region[0] + o_r, region[1] + o_r, region[2] + o_c, region[3] + o_c)
         if replace_id is not None:  # also where the old object lies on this plane
             region = _union(region, _region(label_mask_on_plane(labels, image, plane, replace_id, world_point)))
         if region is None:
             continue
         targets = PlaneTargets(labels, image, plane, world_point, region)
         idx_parts.append(targets.index)
-        local_parts.append(local_hw[targets.rc[:, 0], targets.rc[:, 1]].astype(np.int64))
+        rows, cols = targets.rc[:, 0] - o_r, targets.rc[:, 1] - o_c
+        ok = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+        values = np.zeros(len(rows), np.int64)
+        values[ok] = local_hw[rows[ok], cols[ok]]
+        local_parts.append(values)
     if not idx_parts or not sum(len(part) for part in local_parts):
-        return CommitResult([], [], [], int(len(np.unique(ids_hw[ids_hw > 0]))))
+        return CommitResult([], [], [], len(np.unique(ids_hw[ids_hw > 0])))
     index = tuple(np.concatenate(parts) for parts in zip(*idx_parts))
     local = np.concatenate(local_parts)
     index, local = _last_object_per_pixel(index, local, spatial_shape(labels))
@@ -313,7 +334,7 @@ def write_objects(
                 next_id += 1
             ids[obj], next_id = next_id, next_id + 1
     if replace_id is not None and not ids:  # never remove an object without its replacement
-        return CommitResult([], [], [], int(len(objects)))
+        return CommitResult([], [], [], len(objects))
     top = max(ids.values(), default=0)
     if top > np.iinfo(dtype).max:
         raise LabelsWriteError(f"expected label ids <= {np.iinfo(dtype).max} for {dtype} labels, got {top}: "

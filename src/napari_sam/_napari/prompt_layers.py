@@ -126,10 +126,14 @@ def raise_prompt_layers(viewer) -> None:
                 viewer.layers.move(i, len(viewer.layers))
 
 
-def ensure_preview_layer(viewer, image, plane: SlicePlane) -> Labels:
+def ensure_preview_layer(viewer, image, plane: SlicePlane, region=None) -> Labels:
     """The preview Labels layer holding one plane (size 1 on hidden axes), placed on the
-    image's slice ``plane`` — memory stays O(H x W) even for large stacks."""
-    shape = tuple(1 if a not in plane.axes_rc else s for a, s in enumerate(spatial_shape(image)))
+    image's slice ``plane`` — memory stays O(H x W) even for large stacks. ``region``
+    (r0, c0, h, w) limits it to that part of the plane (tiled planes: the previewed
+    objects' region, so a huge plane never gets a plane-sized preview)."""
+    r0, c0, h, w = region if region is not None else (0, 0, *plane.shape_hw)
+    sizes = {plane.axes_rc[0]: h, plane.axes_rc[1]: w}
+    shape = tuple(sizes.get(a, 1) for a in range(plane.ndim))
     layer = find_layer(viewer, PREVIEW_ROLE)
     if layer is not None and layer.ndim != len(shape):
         viewer.layers.remove(layer)
@@ -146,11 +150,13 @@ def ensure_preview_layer(viewer, image, plane: SlicePlane) -> Labels:
     elif layer.data.shape != shape:
         layer.data = np.zeros(shape, dtype=np.uint8)
     copy_spatial(image, layer)
-    # shift by the slice index: world(p') = image_world(p' + offset)
+    # shift by the slice index and the region: world(p') = image_world(p' + offset)
     offset = np.array([0 if a in plane.axes_rc else i for a, i in enumerate(plane.index)], float)
+    offset[plane.axes_rc[0]], offset[plane.axes_rc[1]] = r0, c0
     linear = Affine(scale=image.scale, rotate=image.rotate, shear=image.shear).linear_matrix
     layer.translate = np.asarray(image.translate, float) + linear @ offset
     layer.metadata["napari_sam_plane"] = plane
+    layer.metadata["napari_sam_region"] = (r0, c0, h, w)
     if new:  # add it placed: the viewer's extent and slider never jump
         viewer.layers.append(layer)
     return layer

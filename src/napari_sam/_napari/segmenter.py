@@ -18,29 +18,39 @@ from psygnal import Signal
 from .decode import Prediction, decode_objects
 from .encoding import SliceEncoder
 from .geometry import PlaneError, SlicePlane, current_plane
-from .labels_io import (CommitResult, LabelsWriteError, ensure_labels_layer, label_mask_on_plane,
-                        objects_to_ids, undo_write, write_objects)
+from .labels_io import (
+    CommitResult,
+    LabelsWriteError,
+    ensure_labels_layer,
+    label_mask_on_plane,
+    undo_write,
+    write_objects,
+)
 from .prompt_input import add_box_prompt, add_point_prompt, world_position
 from .prompt_layers import (
     BOXES_ROLE,
     POINTS_ROLE,
     PREVIEW_ROLE,
-    has_role,
-    raise_prompt_layers,
     ensure_boxes_layer,
     ensure_points_layer,
     ensure_preview_layer,
     find_layer,
+    has_role,
     prompt_indices_on_plane,
+    raise_prompt_layers,
     read_boxes,
     read_points,
     remove_prompts,
     show_preview,
 )
+from .tiled_segmenter import TiledPlanes
 
 
-class InteractiveSegmenter:
+class InteractiveSegmenter(TiledPlanes):
     """Interactive SAM segmentation in ``viewer`` through ``session``.
+
+    Large planes are tiled (see :class:`~napari_sam._napari.tiled_segmenter.TiledPlanes`);
+    a multiscale layer is segmented on the session's level for it (:attr:`source`).
 
     Attributes:
         image_layer: the layer being segmented (set with :meth:`set_image_layer`).
@@ -71,6 +81,7 @@ class InteractiveSegmenter:
         self.history: list = []  # WriteRecords of this widget's writes, newest last
         self.encoder = SliceEncoder(session, self._shown, self.report, self._on_embedding_ready,
                                     lambda: self.auto_encode)
+        self._init_tiles()
         dims = viewer.dims.events
         self._connections = [
             (dims.current_step, self._on_view_changed),
@@ -79,6 +90,9 @@ class InteractiveSegmenter:
             (viewer.layers.events.removed, self._on_layer_removed),
             (viewer.layers.events.inserted, self._on_layer_inserted),
             (session.model_changed, self._on_model_changed),
+            (session.tiling_changed, self._on_view_changed),
+            (viewer.camera.events.center, self._on_camera),
+            (viewer.camera.events.zoom, self._on_camera),
         ]
         for signal, slot in self._connections:
             signal.connect(slot)
@@ -100,11 +114,18 @@ class InteractiveSegmenter:
         self.viewer.status = message
         self.status.emit(message)
 
+    @property
+    def source(self):
+        """What is segmented: the image layer, or a :class:`~napari_sam._napari.levels.
+        LevelView` of the chosen level of a multiscale layer (None: no image)."""
+        return None if self.image_layer is None else self.session.source_for(self.image_layer)
+
     def _shown(self):
-        """(image layer, plane) on screen, or None."""
-        if self.image_layer is None or self.plane is None:
+        """(image source, plane) on screen for the one-encode path, or None (nothing shown,
+        or a tiled plane: :class:`TiledPlanes` encodes it)."""
+        if self.image_layer is None or self.plane is None or self.tiles is not None:
             return None
-        return self.image_layer, self.plane
+        return self.source, self.plane
 
     def _on_embedding_ready(self) -> None:
         self.update_preview()
@@ -119,9 +140,14 @@ class InteractiveSegmenter:
 
     @property
     def embedding_ready(self) -> bool:
+        """The shown slice is encoded (tiled: every tile wanted so far is)."""
+        if self.tiles is not None:
+            return not self.encoding and self.tile_encoder.pending == 0
         return self.encoder.ready
 
     def request_encoding(self, wait: bool = False) -> bool:
+        if self.tiles is not None:
+            return self._request_tiles(wait)
         ready = self.encoder.request(wait=wait)
         if wait and ready:
             self.update_preview()
@@ -135,7 +161,7 @@ class InteractiveSegmenter:
         """The commit target: the chosen Labels layer, or "SAM labels" (created if missing)."""
         if self.labels_layer is None or self.labels_layer not in self.viewer.layers:
             with self._keep_active_layer():
-                self.labels_layer = ensure_labels_layer(self.viewer, self.image_layer)
+                self.labels_layer = ensure_labels_layer(self.viewer, self.source)
         return self.labels_layer
 
     @contextlib.contextmanager
@@ -166,7 +192,7 @@ class InteractiveSegmenter:
             return
         self.image_layer = layer
         self.encoder.reset()
-        self.prediction, self.refine_id, self.plane = None, None, None
+        self.prediction, self.refine_id, self.plane, self._seen = None, None, None, None
         if layer is None:
             self.changed.emit()
             return
@@ -179,7 +205,7 @@ class InteractiveSegmenter:
         self.boxes_layer.mode = "add_rectangle"
         self.sync()
         if self.plane is not None and find_layer(self.viewer, PREVIEW_ROLE) is None:
-            self._ensure_preview(self.plane)
+            self._ensure_preview(self.plane, None if self.tiles is None else (0, 0, 1, 1))
 
     def _ensure_prompt_layers(self) -> None:
         with self._keep_active_layer():
@@ -245,7 +271,7 @@ class InteractiveSegmenter:
 
     def _on_model_changed(self, model=None) -> None:
         self.encoder.reset()
-        self.prediction = None
+        self.prediction, self._seen = None, None
         self.sync()
 
     # ------------------------------------------------------------------ view -> preview
@@ -253,27 +279,35 @@ class InteractiveSegmenter:
         """Re-read the view (slice, 2D/3D); encode the shown slice if needed; re-decode."""
         if self.image_layer is None:
             return
+        source = self.source
         try:
-            plane = current_plane(self.viewer.dims, self.image_layer)
+            plane = current_plane(self.viewer.dims, source)
         except PlaneError as exc:
             plane = None
             self.report(str(exc))
-        moved = plane != self.plane
+        grid = None if plane is None else self.session.grid_for(source, plane)
+        moved = (source, plane, grid) != self._seen
         if moved:
+            self._seen = (source, plane, grid)
             self.plane, self.prediction, self.rank = plane, None, 0
             self.refine_id = self._refine_mask = None
+            self._prompt_tiles = []
             self._show(None)
+        self._current_tiles()
         if plane is None or (not moved and self.prediction is not None):
             self.changed.emit()
             return
-        if self.auto_encode and self.session.has_model and not self.encoder.activate():
+        if self.tiles is not None:
+            self._want_tiles()
+        elif self.auto_encode and self.session.has_model and not self.encoder.activate():
             self.encoder.request()
         self.update_preview()
 
     def _prompts(self):
         empty = (np.zeros((0, 2)), np.zeros(0, int), 0)
-        pts = read_points(self.points_layer, self.image_layer, self.plane) if self.points_layer else empty
-        boxes = read_boxes(self.boxes_layer, self.image_layer, self.plane) if self.boxes_layer else (np.zeros((0, 4)), 0)
+        source = self.source
+        pts = read_points(self.points_layer, source, self.plane) if self.points_layer else empty
+        boxes = read_boxes(self.boxes_layer, source, self.plane) if self.boxes_layer else (np.zeros((0, 4)), 0)
         return pts[0], pts[1], boxes[0], pts[2] + boxes[1]
 
     def update_preview(self) -> None:
@@ -291,6 +325,9 @@ class InteractiveSegmenter:
         if not self.session.has_model:
             self.report("load a model first (Load model)")
             return
+        if self._current_tiles() is not None:
+            self._update_tiled(points_rc, point_labels, boxes_xyxy)
+            return
         if not self.encoder.activate():
             if self.auto_encode:
                 self.encoder.request()
@@ -305,7 +342,7 @@ class InteractiveSegmenter:
     def _decode(self, points_rc, point_labels, boxes_xyxy) -> Prediction:
         predictor = self.session.predictor
         if self.refine_id is not None and len(points_rc) == 0 and len(boxes_xyxy) == 0:
-            return Prediction.from_masks(self.plane, self._refine_mask[None])
+            return Prediction.from_masks(self.plane, self._refine_mask[None], crop=self.tiles is not None)
         return decode_objects(predictor, self.plane, points_rc, point_labels, boxes_xyxy,
                               self._refine_mask, self.multimask)
 
@@ -317,17 +354,21 @@ class InteractiveSegmenter:
             elif preview is not None and preview.data.any():
                 preview.data = np.zeros_like(preview.data)
             return
-        if preview is None or preview.metadata.get("napari_sam_plane") != prediction.plane:
-            preview = self._ensure_preview(prediction.plane)
-        masks = prediction.masks(self.rank)
-        ids = np.zeros(prediction.plane.shape_hw, dtype=np.uint8)
-        for k in range(len(masks) - 1, -1, -1):
-            ids[masks[k]] = min(k + 1, 255)
-        show_preview(preview, prediction.plane, ids)
+        placed = prediction.ids(self.rank)
+        if placed is None:  # every mask is empty
+            if preview is not None and preview.metadata.get("napari_sam_plane") == prediction.plane:
+                show_preview(preview, prediction.plane, None)
+        else:
+            ids, (r0, c0) = placed
+            region = (r0, c0, *ids.shape)
+            if (preview is None or preview.metadata.get("napari_sam_plane") != prediction.plane
+                    or tuple(preview.metadata.get("napari_sam_region", ())) != region):
+                preview = self._ensure_preview(prediction.plane, region)
+            show_preview(preview, prediction.plane, np.minimum(ids, 255).astype(np.uint8))
         iou = prediction.chosen_iou(self.rank)
-        pixels = masks.reshape(len(masks), -1).sum(axis=1)
+        pixels = prediction.pixels(self.rank)
         what = ", ".join(f"{p} px (IoU {q:.2f})" for p, q in zip(pixels, iou))
-        msg = f"{len(masks)} object(s): {what}"
+        msg = f"{len(pixels)} object(s): {what}"
         if prediction.num_candidates > 1:
             ranked = " / ".join(f"{v:.2f}" for v in prediction.iou[0][prediction.order[0]])
             msg = (f"candidate {self.rank % prediction.num_candidates + 1}/{prediction.num_candidates}"
@@ -336,12 +377,12 @@ class InteractiveSegmenter:
             msg = f"refining label {self.refine_id} (commit replaces it): {msg}"
         self.report(msg)
 
-    def _ensure_preview(self, plane: SlicePlane):
-        """The preview layer placed on ``plane``, under the prompt layers. Made when an
-        image is chosen: napari's first Labels visual costs a second or two here, which
-        must not land between a click and its mask."""
+    def _ensure_preview(self, plane: SlicePlane, region=None):
+        """The preview layer placed on ``plane`` (``region`` (r0, c0, h, w) of it), under
+        the prompt layers. Made when an image is chosen: napari's first Labels visual costs
+        a second or two here, which must not land between a click and its mask."""
         with self._keep_active_layer():
-            preview = ensure_preview_layer(self.viewer, self.image_layer, plane)
+            preview = ensure_preview_layer(self.viewer, self.source, plane, region)
         if self.points_layer in self.viewer.layers:  # keep prompts drawn on top
             i, j = self.viewer.layers.index(preview), self.viewer.layers.index(self.points_layer)
             if i > j:
@@ -372,18 +413,18 @@ class InteractiveSegmenter:
             else:
                 self.report("nothing to commit: add a point or a box first")
             return CommitResult([], [], [])
-        masks = self.prediction.masks(self.rank)
-        masks = masks[masks.reshape(len(masks), -1).any(axis=1)]
-        if len(masks) == 0:
+        placed = self.prediction.ids(self.rank, last_wins=self.overwrite)
+        if placed is None:
             self.report("nothing to commit: the mask is empty")
             return CommitResult([], [], [])
-        refining = self.refine_id is not None and len(masks) == 1
+        ids, offset_rc = placed
+        refining = self.refine_id is not None and int((self.prediction.pixels(self.rank) > 0).sum()) == 1
         try:
             labels = self.target_labels()
             result = write_objects(
-                labels, self.image_layer, [self.plane], objects_to_ids(masks, self.overwrite)[None],
+                labels, self.source, [self.plane], ids[None], offset_rc=offset_rc,
                 world_point=self.viewer.dims.point, overwrite=self.overwrite,
-                fixed_ids={1: self.refine_id} if refining else None,
+                fixed_ids={int(ids.max()): self.refine_id} if refining else None,
                 replace_id=self.refine_id if refining else None)
         except LabelsWriteError as exc:
             self.report(f"not committed: {exc}")
@@ -429,11 +470,12 @@ class InteractiveSegmenter:
     def clear(self, status: bool = True) -> None:
         """Remove the prompts of the shown slice and the preview; stop refining."""
         self.refine_id = self._refine_mask = None
+        self._prompt_tiles = []
         if self.plane is not None and self.image_layer is not None:
             with self._mute():
                 for prompts in (self.points_layer, self.boxes_layer):
                     if prompts is not None:
-                        remove_prompts(prompts, prompt_indices_on_plane(prompts, self.image_layer, self.plane))
+                        remove_prompts(prompts, prompt_indices_on_plane(prompts, self.source, self.plane))
         self.prediction, self.rank = None, 0
         self._show(None)
         if status:
@@ -446,7 +488,7 @@ class InteractiveSegmenter:
         if self.labels_layer is None or self.plane is None or self.image_layer is None:
             self.report("choose an image and a target labels layer first")
             return False
-        mask = label_mask_on_plane(self.labels_layer, self.image_layer, self.plane, int(label_id),
+        mask = label_mask_on_plane(self.labels_layer, self.source, self.plane, int(label_id),
                                    self.viewer.dims.point)
         if not mask.any():
             self.report(f"label {label_id} is not on this slice")
@@ -480,7 +522,7 @@ class InteractiveSegmenter:
             self.report("choose an image layer first")
             return False
         self._ensure_prompt_layers()
-        why = add_point_prompt(self.viewer.dims, self.image_layer, self.points_layer, position_world,
+        why = add_point_prompt(self.viewer.dims, self.source, self.points_layer, position_world,
                                self.positive if positive is None else positive, self.positive)
         if why is not None:
             self.report(why)

@@ -34,9 +34,25 @@ import weakref
 import numpy as np
 from psygnal import Signal
 
-from ..engine import EmbeddingCache, EmbeddingKey, ImageEmbedding, SamPredictor, build_sam
+from ..engine import (
+    EmbeddingCache,
+    EmbeddingKey,
+    ImageEmbedding,
+    SamPredictor,
+    build_sam,
+)
+from ..engine.tiling import TileGrid
 from .geometry import SlicePlane, base_data, plane_pixels
 from .jobs import as_generator
+from .levels import (
+    LevelView,
+    default_level,
+    is_multiscale,
+    layer_of,
+    level_shapes,
+    source_of,
+)
+from .tiles import MAX_CACHED_TILES, TileSource, TilingSettings
 
 DEFAULT_CACHE_SIZE = 16  # 16 x 4 MiB for 1024-pixel models
 
@@ -51,20 +67,29 @@ class SamSession:
     Args:
         cache_size: how many slice embeddings to keep in memory (LRU; 4 MiB each for SAM).
 
+    Large planes are tiled (:attr:`tiling`, :meth:`set_tiling`, :meth:`grid_for`,
+    :meth:`tile_source`); multiscale layers are segmented on one level
+    (:meth:`level_for`, :meth:`set_level`, :meth:`source_for`).
+
     Signals (emitted on the GUI thread):
         model_changed(model): after :meth:`set_model` / :meth:`load_model`.
+        tiling_changed(): after :meth:`set_tiling` or :meth:`set_level`.
     """
 
     model_changed = Signal(object)
+    tiling_changed = Signal()
 
     def __init__(self, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         self.cache = EmbeddingCache(cache_size)
+        self._cache_size = int(cache_size)
+        self.tiling = TilingSettings()
+        self._levels: dict[object, int] = {}
         self._model = None
         self._predictor: SamPredictor | None = None
         self._versions: dict[object, int] = {}
         self._watched: weakref.WeakSet = weakref.WeakSet()
         self._lock = threading.Lock()
-        self._stores: dict[object, object] = {}  # layer id -> EmbeddingStore
+        self._stores: dict[tuple, object] = {}  # (layer id, level) -> EmbeddingStore
 
     # ------------------------------------------------------------------ model
     @property
@@ -117,26 +142,104 @@ class SamSession:
 
     @property
     def cache_size(self) -> int:
-        return self.cache.max_items
+        """How many slice embeddings are kept (tiles of a tiled plane get room on top,
+        up to :data:`~napari_sam._napari.tiles.MAX_CACHED_TILES`)."""
+        return self._cache_size
 
     @cache_size.setter
     def cache_size(self, value: int) -> None:
-        self.cache.max_items = int(value)
+        extra = self.cache.max_items - self._cache_size
+        self.cache.max_items = int(value) + extra
+        self._cache_size = int(value)
+
+    # ------------------------------------------------------------------ tiles and levels
+    def set_tiling(self, mode: str = "auto", tile_shape=None, halo=None) -> None:
+        """Tile planes: ``mode`` "auto" | "on" | "off", ``tile_shape`` (h, w) or one int
+        (None: the model's input size), ``halo`` (None: an eighth of the tile). Cached tiles
+        of other settings are not used again (their keys differ)."""
+        settings = TilingSettings(mode, tile_shape, halo)
+        if settings != self.tiling:
+            self.tiling = settings
+            self.tiling_changed.emit()
+
+    def grid_for(self, source, plane: SlicePlane) -> TileGrid | None:
+        """The tiling of ``plane`` of ``source`` (a layer or a level) with the current
+        settings and model, or None (one encode for the plane)."""
+        if self._model is None:
+            return None
+        return self.tiling.grid(plane.shape_hw, self._model.image_size)
+
+    def level_for(self, layer) -> int:
+        """The level of a multiscale ``layer`` that is segmented: the user's choice, else
+        :func:`~napari_sam._napari.levels.default_level` (0 when tiled). 0 for plain layers."""
+        if not is_multiscale(layer):
+            return 0
+        chosen = self.chosen_level(layer)
+        if chosen is not None:
+            return chosen
+        size = getattr(self._model, "image_size", 1024)
+        full_hw = level_shapes(layer)[0][-2:]
+        return default_level(layer, size, self.tiling.grid(full_hw, size) is not None)
+
+    def chosen_level(self, layer) -> int | None:
+        """The level the user chose for ``layer``, or None (the default applies)."""
+        return self._levels.get(_layer_id(layer))
+
+    def set_level(self, layer, level: int | None) -> None:
+        """Segment level ``level`` of multiscale ``layer`` (None: back to the default)."""
+        if level is not None:
+            LevelView(layer, level)  # validates
+        lid = _layer_id(layer)
+        if self._levels.get(lid) != level:
+            if level is None:
+                self._levels.pop(lid, None)
+            else:
+                self._levels[lid] = int(level)
+            self.tiling_changed.emit()
+
+    def source_for(self, layer):
+        """What is segmented of ``layer``: the layer, or a :class:`LevelView` of its level."""
+        return source_of(layer, self.level_for(layer))
+
+    def tile_source(self, source, plane: SlicePlane, grid: TileGrid) -> TileSource:
+        """The tiles of ``plane`` (GUI thread: captures data, keys, normalisation, store).
+        Makes room in the cache for them (up to ``MAX_CACHED_TILES``)."""
+        self.cache.max_items = max(self.cache.max_items, self._cache_size + min(len(grid), MAX_CACHED_TILES))
+        return TileSource(self, source, plane, grid, base_data(source), self.key_for(source, plane),
+                          self.store_for(source))
+
+    def stored_tile(self, store, plane: SlicePlane, grid: TileGrid, key: EmbeddingKey):
+        """(store, slice index) when the tiles of ``plane`` can come from ``store`` (a
+        store of the same tiling, model and normalisation), else None."""
+        if store is None or getattr(store, "grid", None) != grid:
+            return None
+        return self._store_index(store, plane, key)
+
+    def predictor_for(self, key: EmbeddingKey) -> SamPredictor:
+        """The predictor to encode ``key`` with (any thread); refuses when the model changed."""
+        predictor = self._predictor
+        if predictor is None:
+            raise RuntimeError("no model is loaded: call load_model() or set_model() first")
+        if _signature(predictor.model) != key.model_signature:
+            raise RuntimeError("the model changed while this job ran: start it again")
+        return predictor
 
     # ------------------------------------------------------------------ keys
     def key_for(self, layer, plane: SlicePlane) -> EmbeddingKey:
         """The cache key of ``plane`` of image ``layer`` for the current model."""
         if self._model is None:
             raise RuntimeError("no model is loaded: call load_model() or set_model() first")
-        self._watch(layer)
+        self._watch(layer_of(layer))
         source = (_layer_id(layer), self._versions.get(_layer_id(layer), 0))
+        if isinstance(layer, LevelView):
+            source += (("level", layer.level),)
         return EmbeddingKey(source, plane.index, _signature(self._model), self.normalisation_for(layer))
 
     def normalisation_for(self, layer) -> tuple:
         """How ``layer``'s pixels become SAM input: the attached store's normalisation when
         the layer has a store (stored embeddings must stay valid), else the layer's
         contrast limits (SAM sees what the user sees). See :func:`normalisation`."""
-        store = self._stores.get(_layer_id(layer))
+        store = self.store_for(layer)
         if store is not None:
             limits = store.contrast_limits
             return ("store",) if limits is None else ("contrast", *(float(v) for v in limits))
@@ -145,7 +248,8 @@ class SamSession:
     def invalidate_layer(self, layer) -> int:
         """Forget every embedding of ``layer`` (call it after editing its data in place)."""
         lid = _layer_id(layer)
-        self._stores.pop(lid, None)  # made for the old data
+        for key in [k for k in self._stores if k[0] == lid]:
+            self._stores.pop(key)  # made for the old data
         dropped = sum(self.cache.invalidate(source=k.source) for k in self.cache.keys() if k.source[0] == lid)
         self._versions[lid] = self._versions.get(lid, 0) + 1
         return dropped
@@ -197,28 +301,32 @@ class SamSession:
     # ------------------------------------------------------------------ stores
     def attach_store(self, layer, store) -> None:
         """Serve ``layer``'s slices from ``store`` (an :class:`~napari_sam.engine.store.
-        EmbeddingStore` of the layer's 3D data, stack axis = the hidden axis): a stored slice
-        costs no encoder call, a missing one is encoded and stored. Used only while the
-        model and the layer's contrast match the store's. None detaches."""
+        EmbeddingStore` of the layer's 3D data, stack axis = the hidden axis; a tiled store
+        serves tiles): a stored slice or tile costs no encoder call, a missing one is
+        encoded and stored. Used only while the model and the layer's contrast match the
+        store's. ``layer`` may be a :class:`LevelView`: the store belongs to that level.
+        None detaches."""
         if store is None:
-            self._stores.pop(_layer_id(layer), None)
+            self._stores.pop(_store_key(layer), None)
         else:
-            self._stores[_layer_id(layer)] = store
+            self._stores[_store_key(layer)] = store
 
     def store_for(self, layer):
-        """The store attached to ``layer``, or None."""
-        return self._stores.get(_layer_id(layer))
+        """The store attached to ``layer`` (or to that level of it), or None."""
+        return self._stores.get(_store_key(layer))
 
     def _store_index(self, store, plane: SlicePlane, key: EmbeddingKey):
         """(store, slice index) when ``plane`` can come from ``store``, else None."""
-        if store is None or store.predictor.model is not self._model or plane.ndim != 3:
+        if store is None or store.predictor.model is not self._model or plane.ndim not in (2, 3):
             return None
-        axis = store.view.axis
-        if tuple(plane.axes_rc) != tuple(a for a in range(3) if a != axis):
-            return None  # transposed view: not the stored orientation
         limits = contrast_limits_of(key.normalisation)
         if limits != (None if store.contrast_limits is None else tuple(store.contrast_limits)):
             return None
+        if plane.ndim == 2:  # a 2D image: a store of one slice
+            return (store, 0) if tuple(plane.axes_rc) == (0, 1) and len(store) == 1 else None
+        axis = store.view.axis
+        if tuple(plane.axes_rc) != tuple(a for a in range(3) if a != axis):
+            return None  # transposed view: not the stored orientation
         return store, plane.index[axis]
 
     def _cached_or_encoded(self, data, plane: SlicePlane, key: EmbeddingKey, store) -> ImageEmbedding:
@@ -229,12 +337,10 @@ class SamSession:
         cached = self.cache.get(key)
         if cached is not None:
             return cached
-        predictor = self._predictor
-        if predictor is not None and _signature(predictor.model) != key.model_signature:
-            raise RuntimeError("the model changed while this job ran: start it again")
+        predictor = self.predictor_for(key)
         stored = self._store_index(store, plane, key)
-        if predictor is None:
-            raise RuntimeError("no model is loaded: call load_model() or set_model() first")
+        if stored is not None and getattr(stored[0], "grid", None) is not None:
+            stored = None  # a tiled store holds tiles, not this plane in one piece
         if stored is not None:
             embedding = stored[0].embedding(stored[1])  # from disk, or encoded and stored
             if predictor is self._predictor:
@@ -298,7 +404,13 @@ class SliceEmbeddings:
 
 
 def _layer_id(layer):
+    layer = layer_of(layer)
     return getattr(layer, "unique_id", None) or id(layer)
+
+
+def _store_key(source) -> tuple:
+    """Stores belong to one level of a layer (level 0 of a plain layer)."""
+    return _layer_id(source), getattr(source, "level", 0)
 
 
 def contrast_limits_of(norm: tuple) -> tuple[float, float] | None:

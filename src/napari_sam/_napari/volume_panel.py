@@ -114,8 +114,8 @@ class VolumePanel(QGroupBox):
         self.segmenter.report(message)
 
     def _store(self):
-        layer = self.segmenter.image_layer
-        return None if layer is None else self.session.store_for(layer)
+        source = self.segmenter.source
+        return None if source is None else self.session.store_for(source)
 
     def _update_ui(self) -> None:
         busy = self.running
@@ -132,7 +132,12 @@ class VolumePanel(QGroupBox):
         norm = ("normalisation: the store's (uint8 as is / per-slice percentiles)" if limits is None
                 else f"normalisation: the store's contrast limits {limits[0]:.4g}–{limits[1]:.4g}")
         mode = " (read-only)" if getattr(store, "read_only", False) else ""
-        return f"{store.path.name}{mode}: {int(store.ready.sum())}/{len(store)} slices ready; {norm}"
+        if getattr(store, "grid", None) is not None:
+            rows, cols = store.grid.grid_shape
+            what = f"tiles ready ({rows} x {cols} per slice)"
+        else:
+            what = "slices ready"
+        return f"{store.path.name}{mode}: {int(store.ready.sum())}/{store.ready.size} {what}; {norm}"
 
     def cancel(self) -> None:
         """Stop the running propagation / precomputation (nothing half-written)."""
@@ -258,7 +263,10 @@ class VolumePanel(QGroupBox):
 
     def open_store(self, path, wait: bool = False, on_mismatch: str = "ask"):
         """Open (or create) the embedding store at ``path`` for the current image (3D, one
-        stack axis). An existing store keeps its normalisation, which the layer then uses.
+        stack axis; or a 2D image, stored as a stack of one slice) — of the level being
+        segmented for a multiscale image. A tiled plane gets a tiled store (the session's
+        tiling: the store then serves tiles). An existing store keeps its normalisation,
+        which the layer then uses.
 
         ``on_mismatch`` when the store was made for other data or another model: "ask"
         (a dialog: recompute / open read-only / cancel; "error" when ``wait``), "error"
@@ -267,21 +275,26 @@ class VolumePanel(QGroupBox):
         (None when refused); else the worker."""
         from ..engine.store import EmbeddingStore, StoreMismatchError
 
+        from ..engine.stack import single_image_stack
+
         layer, plane = self.segmenter.image_layer, self.segmenter.plane
         if layer is None or plane is None or not self.session.has_model:
             self._report("choose an image and load a model first")
             return None
+        source = self.segmenter.source
         hidden = [a for a in range(plane.ndim) if a not in plane.axes_rc]
-        if getattr(layer, "rgb", False) or len(hidden) != 1:
-            self._report(f"an embedding store needs a 3D grayscale image, got shape {base_data(layer).shape}")
+        if getattr(layer, "rgb", False) or len(hidden) > 1 or (not hidden and plane.axes_rc != (0, 1)):
+            self._report(f"an embedding store needs a 2D or 3D grayscale image, got shape {base_data(source).shape}")
             return None
         mode = "error" if on_mismatch == "ask" else on_mismatch
-        data, model, axis = base_data(layer), self.session.model, hidden[0]
+        data, model = base_data(source), self.session.model
+        data, axis = (data, hidden[0]) if hidden else (single_image_stack(data), 0)
+        tiling = self.session.grid_for(source, plane) or "off"
 
         def open_it():
             try:
                 return EmbeddingStore.open(path, data, model, axis=axis, contrast_limits="stored",
-                                           on_mismatch=mode)
+                                           on_mismatch=mode, tiling=tiling)
             except StoreMismatchError as exc:
                 return exc
 
@@ -295,7 +308,7 @@ class VolumePanel(QGroupBox):
             if layer not in self.viewer.layers or self.session.model is not model:
                 self._report("the image or model changed meanwhile: store not attached")
                 return None
-            self.session.attach_store(layer, store)
+            self.session.attach_store(source, store)
             self._report(f"{store.status.message} — {self.describe_store(store)}")
             self._update_ui()
             return store
@@ -326,9 +339,9 @@ class VolumePanel(QGroupBox):
             return self._on_precomputed(run_generator(store.precompute(center=lambda: self._center)))
         worker = self.runner.start(
             lambda cancel: store.precompute(center=lambda: self._center, cancel=cancel),
-            desc="SAM: precomputing embeddings", total=len(store), on_yield=self._on_stored,
+            desc="SAM: precomputing embeddings", total=store.ready.size, on_yield=self._on_stored,
             on_done=self._on_precomputed,
-            on_cancel=lambda: self._report(f"precompute cancelled: {int(store.ready.sum())}/{len(store)} slices ready"))
+            on_cancel=lambda: self._report(f"precompute cancelled: {self.describe_store(store)}"))
         self.runner.step(int(store.ready.sum()))
         return worker
 
@@ -341,11 +354,14 @@ class VolumePanel(QGroupBox):
         if store is not None:
             self._center = self._current_index(store)  # follow the slider
         self.runner.step(progress.n_ready)
-        self._ready.setText(f"{progress.n_ready}/{progress.n_slices} slices ready")
+        what = "tiles" if getattr(progress, "n_tiles", 1) > 1 else "slices"
+        self._ready.setText(f"{progress.n_ready}/{progress.n_slices} {what} ready")
 
     def _on_precomputed(self, result):
         what = "cancelled" if result.cancelled else "done"
-        self._report(f"precompute {what}: {result.n_computed} slice(s) encoded, "
-                     f"{result.n_ready}/{result.n_slices} slices ready ({result.seconds:.1f} s)")
+        store = self._store()
+        unit = "tile" if store is not None and getattr(store, "grid", None) is not None else "slice"
+        self._report(f"precompute {what}: {result.n_computed} {unit}(s) encoded, "
+                     f"{result.n_ready}/{result.n_slices} {unit}s ready ({result.seconds:.1f} s)")
         self._update_ui()
         return result

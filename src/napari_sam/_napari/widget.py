@@ -41,6 +41,7 @@ from .lifetime import on_close
 from .prompt_layers import preferred_image, refill_layer_combos
 from .segmenter import InteractiveSegmenter
 from .session import SamSession, real_viewer, session_for
+from .tiling_panel import TilingPanel
 from .ui import fit_narrow_docks, scrolled_body, with_tip
 from .volume_panel import VolumePanel
 
@@ -90,14 +91,21 @@ class SegmentAnythingWidget(QWidget):
         self.loader.busy_changed.connect(
             lambda busy: self._load_button.setText("Cancel loading" if busy else "Load model"))
         self.segmenter.changed.connect(self._update_ui)
+        self.segmenter.encoder.runner.busy_changed.connect(lambda _busy: self._update_ui())
         self.segmenter.status.connect(self._on_status)
         self.session.model_changed.connect(self._on_model_changed)
         events = self.viewer.layers.events
         for ev in (events.inserted, events.removed, events.reordered):
             ev.connect(self._refresh_layer_choices)
+        panel = self.tiling
+
+        def disarm():
+            self._disarm_pick()
+            panel.close_panel()
+
         self._cleanup = _Cleanup(self.segmenter, self.viewer, self._bind_keys(),
                                  self._refresh_layer_choices, self._on_model_changed,
-                                 [self.loader, self.volume.runner], self._disarm_pick)
+                                 [self.loader, self.volume.runner], disarm)
         on_close(self, self._cleanup)
         self._refresh_layer_choices()
         self._on_model_changed(self.session.model)
@@ -167,6 +175,8 @@ class SegmentAnythingWidget(QWidget):
         form.addRow("", self._overwrite)
         form.addRow("Embedding cache", self._cache)
         layout.addWidget(data_box)
+        self.tiling = TilingPanel(self.session, on_stop=self.segmenter.cancel_encoding)
+        layout.addWidget(self.tiling)
 
         prompt_box = QGroupBox("Prompts")
         grid = QVBoxLayout(prompt_box)
@@ -241,6 +251,10 @@ class SegmentAnythingWidget(QWidget):
         pred = seg.prediction
         self._candidate.setEnabled(pred is not None and pred.num_candidates > 1)
         self._commit.setEnabled(pred is not None)
+        if self.tiling._layer is not seg.image_layer:
+            self.tiling.set_layer(seg.image_layer)
+        self.tiling.set_status(seg.tiling_status())
+        self.tiling.stop_button.setEnabled(seg.encoding)
         self._sync_combos()
 
     def _on_model_changed(self, model=None) -> None:
@@ -349,6 +363,16 @@ class SegmentAnythingWidget(QWidget):
         """Commit into this Labels layer (None: a new "SAM labels" layer on first commit)."""
         self.segmenter.labels_layer = layer
         self._sync_combos()
+
+    def set_tiling(self, mode: str = "auto", tile_shape=None, halo=None) -> None:
+        """Tile large planes: ``mode`` "auto" | "on" | "off", ``tile_shape`` (pixels; None:
+        the model's input size), ``halo`` (None: an eighth of the tile). Shared with the
+        viewer's other napari-sam widgets."""
+        self.session.set_tiling(mode, tile_shape, halo)
+
+    def set_level(self, level: int | None) -> None:
+        """Segment level ``level`` of the multiscale image (None: the default)."""
+        self.session.set_level(self.segmenter.image_layer, level)
 
     def set_overwrite(self, overwrite: bool) -> None:
         """Let commits paint over existing non-zero labels (off by default)."""
