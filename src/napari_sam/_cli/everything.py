@@ -1,15 +1,24 @@
-"""napari-sam everything INPUT -o LABELS.tif: segment everything, without a viewer.
+"""napari-sam everything INPUT -o LABELS: segment everything, without a viewer.
 
 --mode ais (the default for models with an instance decoder, e.g. --model vit_b_lm):
 micro-sam's automatic instance segmentation, seconds per slice on a CPU; apg: prompts from
 that decoder, decoded by SAM; amg (the default otherwise): SAM's point grid, slow on a CPU.
 
 INPUT is a 2D image ((H, W) grayscale or (H, W, 3|4) colour) or a stack ((N, H, W) or
-(N, H, W, 3|4)) in .tif/.tiff, .png/.jpg, .npy or .zarr. A stack is segmented slice by
-slice and objects overlapping in consecutive slices share one id (--link-iou). The output
-is a label image of the same spatial shape (uint16, or uint32 above 65535 objects), as
-.tif/.tiff or .npy; it is written whole or not at all (a temporary file in the same folder,
-then renamed), and never over the input. Images must be at least 8 x 8 pixels.
+(N, H, W, 3|4)) in .tif/.tiff, .png/.jpg, .npy, a .zarr array, or an OME-Zarr image (NGFF
+0.4/0.5: --level K picks a resolution level, default 0 = full resolution; --channel K one
+channel). Inputs are read lazily: only the slice (and tile) being segmented is in memory.
+A stack is segmented slice by slice and objects overlapping in consecutive slices share one
+id (--link-iou). Images larger than 1.5 model inputs are cut into overlapping tiles of the
+model's input size (--tiling, --tile-shape, --halo), segmented tile by tile and stitched.
+
+The output has the input's spatial shape: .tif/.tiff or .npy (uint16, or uint32 above 65535
+objects), or .zarr (a chunked uint32 zarr array, one chunk per slice and tile). For an
+OME-Zarr input, -o left out (or --ome-labels NAME) writes INPUT/labels/NAME (default
+napari-sam): NGFF labels over the image at each of its levels. Labels stream to disk slice by
+slice into a temporary beside the target, renamed when complete: an interrupted run leaves an
+earlier output intact. Never over the input; an existing .zarr output or OME label is replaced
+only with --overwrite. Images must be at least 8 x 8 pixels.
 
 Exit codes: 0 done, 1 failed while computing or writing (e.g. weights download), 2 bad
 input or arguments (checked before any model is loaded, the output folder included),
@@ -25,15 +34,11 @@ from pathlib import Path
 import numpy as np
 
 from . import add_model_arguments, cli_wording
-from .files import (
-    check_image_size,
-    check_writable_folder,
-    read_stack,
-    refuse_overlap,
-    write_atomic,
-)
+from .files import AxisView, check_image_size, open_input
+from .label_outputs import FileLabels, LabelCounter, ZarrLabels
 
-OUTPUT_SUFFIXES = (".tif", ".tiff", ".npy")
+DEFAULT_OME_LABELS = "napari-sam"
+MAX_CHUNK_SIDE = 2048  # untiled planes: chunks of at most this many pixels a side
 
 # flag: (type, default, help) — the generator's own parameters and defaults (--mode amg)
 GENERATOR_FLAGS = {
@@ -81,8 +86,24 @@ def add_parser(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", help="image or stack: .tif/.tiff, .png/.jpg, .npy or .zarr")
-    p.add_argument("-o", "--output", required=True, help="output label image (.tif/.tiff or .npy)")
+    p.add_argument("input", help="image or stack: .tif/.tiff, .png/.jpg, .npy, .zarr or OME-Zarr")
+    p.add_argument("-o", "--output", help="output labels: .tif/.tiff, .npy or .zarr (required "
+                                          "unless INPUT is OME-Zarr: see --ome-labels)")
+    p.add_argument("--ome-labels", metavar="NAME", help="OME-Zarr input: write INPUT/labels/NAME "
+                   f"(the default without -o, NAME {DEFAULT_OME_LABELS})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing .zarr output or OME label of that name")
+    p.add_argument("--level", type=int, metavar="K",
+                   help="OME-Zarr input: resolution level (default 0, full resolution)")
+    p.add_argument("--channel", type=int, metavar="K", help="OME-Zarr input: the channel to segment")
+    p.add_argument("--tiling", choices=("auto", "on", "off"),
+                   help="cut images into tiles of --tile-shape, each segmented at full resolution "
+                        "and stitched; auto (default; with --store: the store's tiling): images "
+                        "longer than 1.5 model inputs")
+    p.add_argument("--tile-shape", type=int, nargs="+", metavar="PX",
+                   help="tile size H [W] in pixels (default: the model's input, 1024)")
+    p.add_argument("--halo", type=int, nargs="+", metavar="PX",
+                   help="context around each tile's own part, H [W] pixels (default: tile / 8)")
     add_model_arguments(p)
     p.add_argument("--mode", default="auto", choices=("auto", "ais", "apg", "amg"),
                    help="ais: instance decoder + watershed; apg: decoder prompts + SAM; amg: SAM "
@@ -112,20 +133,22 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def read_input(path: Path):
-    """The input as an array (lazily read for .tif/.npy/.zarr where possible)."""
+def read_input(path: Path, level: int | None = None, channel: int | None = None):
+    """(pixels, OME-Zarr image or None) of the input, read lazily except .png/.jpg."""
     if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
         if not path.exists():
             raise ValueError(f"expected an existing input file, got {path} (not found)")
+        if level is not None or channel is not None:
+            raise ValueError(f"expected --level/--channel only with an OME-Zarr input, got {path.name}")
         from PIL import Image
 
         with Image.open(path) as img:
-            return np.asarray(img)
-    return read_stack(path)
+            return np.asarray(img), None
+    return open_input(path, level=level, channel=channel)
 
 
 def as_stack(data, rgb: str):
-    """(N, H, W[, C]) view of the input and whether it was a single 2D image."""
+    """(N, H, W[, C]) view of the input (lazy) and whether it was a single 2D image."""
     shape = tuple(data.shape)
     colour = len(shape) >= 3 and shape[-1] in (3, 4) and rgb != "no"
     if rgb == "yes" and not colour:
@@ -135,28 +158,79 @@ def as_stack(data, rgb: str):
     if spatial not in (2, 3):
         raise ValueError(f"expected {expected}, got shape {shape}")
     check_image_size(shape, shape[spatial - 2:spatial], last_is_width=not colour, expected=expected)
-    return (data[None], True) if spatial == 2 else (data, False)
+    if isinstance(data, np.ndarray):
+        return (data, False) if spatial == 3 else (data[None], True)
+    return AxisView(data, new_axis=spatial == 2), spatial == 2  # zarr arrays have no len()
 
 
-def check_output(output: Path, input_path: Path) -> None:
-    """Before any work: a label-image suffix, not the input (nor inside it, nor inside an
-    embedding store), in a folder that exists (or is made now) and is writable."""
-    if output.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise ValueError(f"expected an output ending in .tif, .tiff or .npy, got {output.name}")
-    refuse_overlap(output, "an output", {"input": input_path})
-    if output.is_dir():
-        raise ValueError(f"expected an output file, got the folder {output}")
-    check_writable_folder(output, "the output", create=True)
+def file_output(args, input_path: Path):
+    """The -o output (FileLabels or ZarrLabels), or None when the labels go inside an
+    OME-Zarr input (see :func:`ome_output`)."""
+    if args.output is None:
+        return None
+    if args.ome_labels is not None:
+        raise ValueError("expected either -o/--output or --ome-labels, got both")
+    output = Path(args.output)
+    if output.suffix.lower() == ".zarr":
+        return ZarrLabels(output, input_path, args.overwrite, extra={"input": str(input_path)})
+    return FileLabels(output, input_path)
 
 
-def write_labels(output: Path, labels: np.ndarray) -> None:
-    """Write ``labels`` to ``output`` (.tif/.tiff zlib-compressed, or .npy) atomically."""
-    if output.suffix.lower() == ".npy":
-        write_atomic(output, lambda f: np.save(f, labels, allow_pickle=False))
-    else:
-        import tifffile
+def ome_output(args, image, input_path: Path):
+    """INPUT/labels/NAME of an OME-Zarr input (``image``); ValueError for other inputs."""
+    from .ome_zarr import OmeLabels
 
-        write_atomic(output, lambda f: tifffile.imwrite(f, labels, compression="zlib"))
+    if image is None:
+        given = "--ome-labels" if args.ome_labels is not None else "no -o/--output"
+        raise ValueError(f"expected -o/--output LABELS (.tif/.tiff, .npy or .zarr), got {given} "
+                         f"with {input_path.name}, which is not an OME-Zarr image")
+    return OmeLabels(image, args.ome_labels or DEFAULT_OME_LABELS, args.overwrite,
+                     extra={"mode": args.mode, "model": args.model})
+
+
+def tiling_options(args, plane_hw: tuple[int, int], image_size: int | None = None):
+    """(keyword arguments of the segmenter's tiling, the TileGrid or None) of the command
+    line, validated (ValueError). ``image_size``: the model's input side (default: that of
+    ``--model``'s architecture, known before the model loads)."""
+    from ..engine.tiling import tile_grid
+    from ..model.config import MODEL_CONFIGS
+    from ..model.zoo import ZOO
+
+    def pair(values, name):
+        if values is None:
+            return None
+        if len(values) not in (1, 2):
+            raise ValueError(f"expected {name} as one or two integers (H W), got "
+                             f"{' '.join(map(str, values))}")
+        return int(values[0]), int(values[-1])
+
+    tile, halo = pair(args.tile_shape, "--tile-shape"), pair(args.halo, "--halo")
+    if args.tiling == "off" and (tile or halo):
+        raise ValueError("expected --tiling auto or on with --tile-shape/--halo, got --tiling off")
+    size = image_size or MODEL_CONFIGS[ZOO[args.model].architecture].img_size
+    tiling = args.tiling or "auto"
+    return {"tiling": tiling, "tile_shape": tile, "halo": halo}, tile_grid(plane_hw, size, tiling, tile, halo)
+
+
+def open_store(args, stack, model, limits, tiling: dict):
+    """(contrast limits, embedding_for, grid) of ``--store``: its normalisation unless
+    --contrast-limits, its tiling unless tiling flags are given. ValueError: refused."""
+    from ..engine.store import EmbeddingStore, StoreError, StoreMismatchError
+
+    explicit = args.tiling is not None or args.tile_shape or args.halo
+    try:  # the store's normalisation, unless given: its embeddings were made with it
+        store = EmbeddingStore.open(args.store, stack, model, contrast_limits=limits or "stored",
+                                    tiling=tiling["tiling"] if explicit else "stored",
+                                    tile_shape=tiling["tile_shape"], halo=tiling["halo"])
+    except StoreMismatchError as exc:
+        hint = (" (or pass the store's --contrast-limits)" if "normalisation" in exc.changed else "")
+        raise ValueError(f"store {args.store} was made for a different {exc.details}: use the "
+                         f"model, input and tiling it was made with, or another --store{hint}") from None
+    except StoreError as exc:
+        raise ValueError(str(exc)) from None
+    if store.grid is None:
+        return store.contrast_limits, store.embedding, None
+    return (store.contrast_limits, lambda z: (lambda k: store.tile_embedding(z, k)), store.grid)
 
 
 def segmenter_options(args) -> dict:
@@ -188,9 +262,11 @@ def run(args) -> int:
         print(f"napari-sam everything: error: {cli_wording(message)}", file=sys.stderr)
         return code
 
-    output, input_path = Path(args.output), Path(args.input)
-    try:
-        check_output(output, input_path)
+    input_path = Path(args.input)
+    try:  # before reading anything: where the labels go
+        output = file_output(args, input_path)
+        if output is not None:
+            output.check()
     except ValueError as exc:
         return fail(2, str(exc))
 
@@ -203,16 +279,22 @@ def run(args) -> int:
     from ..model.checkpoint import CheckpointError
 
     try:
-        stack, single = as_stack(read_input(input_path), args.rgb)
-        limits = tuple(args.contrast_limits) if args.contrast_limits else None
-        if limits is None and not single and not args.store:  # one normalisation for every slice
-            limits = volume_contrast_limits(StackView(stack))
+        data, ome = read_input(input_path, args.level, args.channel)
+        stack, single = as_stack(data, args.rgb)
     except (ValueError, OSError) as exc:
         return fail(2, f"cannot read {args.input}: {exc}")
     except Exception as exc:  # noqa: BLE001 - a corrupt file: say so, no traceback
         return fail(2, f"cannot read {args.input}: {type(exc).__name__}: {exc}")
     try:
+        if output is None:
+            output = ome_output(args, ome, input_path)
+            output.check()
+        plane_hw = tuple(int(v) for v in stack.shape[1:3])
+        tiling_options(args, plane_hw)  # refused now rather than after loading the model
         options = segmenter_options(args)
+        limits = tuple(args.contrast_limits) if args.contrast_limits else None
+        if limits is None and not single and not args.store:  # one normalisation for every slice
+            limits = volume_contrast_limits(StackView(stack))
     except ValueError as exc:
         return fail(2, str(exc))
     from ..model.zoo import zoo_model
@@ -225,36 +307,56 @@ def run(args) -> int:
                                  device=args.device, precision=args.precision)
         mode = args.mode if args.mode != "auto" else default_mode(model)
         segmenter = SamInstanceSegmenter(model, mode, **options)
+        tiling, grid = tiling_options(args, plane_hw, model.image_size)
+        embedding_for = None
+        if args.store:
+            limits, embedding_for, grid = open_store(args, stack, model, limits, tiling)
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         return fail(2, str(exc))
     except CheckpointDownloadError as exc:
         return fail(1, str(exc))
 
-    embedding_for = None
-    if args.store:
-        from ..engine.store import EmbeddingStore, StoreError, StoreMismatchError
-
-        try:  # the store's normalisation, unless given: its embeddings were made with it
-            store = EmbeddingStore.open(args.store, stack, model, contrast_limits=limits or "stored")
-        except StoreMismatchError as exc:
-            hint = (" (or pass the store's --contrast-limits)" if "normalisation" in exc.changed else "")
-            return fail(2, f"store {args.store} was made for a different {exc.details}: use the "
-                           f"model and input it was made with, or another --store{hint}")
-        except (ValueError, StoreError) as exc:
-            return fail(2, str(exc))
-        limits, embedding_for = store.contrast_limits, store.embedding
+    n, (h, w) = int(stack.shape[0]), plane_hw
+    shape = (h, w) if single else (n, h, w)
+    chunks = grid.tile_hw if grid is not None else (min(h, MAX_CHUNK_SIDE), min(w, MAX_CHUNK_SIDE))
+    output.extra["mode"] = segmenter.mode  # recorded in zarr / OME-Zarr outputs
+    try:
+        out = output.open(shape, chunks)
+    except OSError as exc:
+        return fail(1, f"cannot write {output.target}: {exc.strerror or exc}")
+    labels = LabelCounter(AxisView(out, new_axis=True) if single else out)
     job = segmenter.stack_job(stack, contrast_limits=limits, link_iou=args.link_iou,
-                              embedding_for=embedding_for)
-    bar = tqdm(total=0, unit="step", desc=f"everything ({segmenter.mode})", disable=args.quiet,
-               file=sys.stderr)
+                              embedding_for=embedding_for, out=labels, **tiling, grid=grid)
+    try:
+        code = _run(job, tqdm, f"everything ({segmenter.mode})", args.quiet, fail)
+        if code == 0:
+            output.commit(labels.max_label)
+    except OSError as exc:
+        output.abort()
+        return fail(1, f"cannot write {output.target}: {exc.strerror or exc}; an earlier output "
+                       "there is unchanged")
+    except BaseException:
+        output.abort()
+        raise
+    if code != 0:
+        output.abort()
+        return code
+    dtype = getattr(output, "dtype", np.dtype(np.uint32))
+    print(f"{labels.n_objects} objects in {output.target} ({shape}, {np.dtype(dtype).name})",
+          file=sys.stderr)
+    return 0
+
+
+def _run(job, tqdm, desc: str, quiet: bool, fail) -> int:
+    """Run the segmentation ``job`` with a progress bar; 0, or fail()'s exit code."""
+    bar = tqdm(total=0, unit="step", desc=desc, disable=quiet, file=sys.stderr)
     try:
         with bar:
             while True:
                 try:
                     step = next(job)
-                except StopIteration as stop:
-                    labels = stop.value
-                    break
+                except StopIteration:
+                    return 0
                 bar.total = step.total
                 bar.set_postfix_str(step.message, refresh=False)
                 bar.update(step.done - bar.n)
@@ -262,13 +364,3 @@ def run(args) -> int:
         return fail(2, str(exc))
     except RuntimeError as exc:  # e.g. a store that cannot be read or written (StoreError)
         return fail(1, str(exc))
-    labels = labels[0] if single else labels
-    dtype = np.uint16 if labels.max(initial=0) <= np.iinfo(np.uint16).max else np.uint32
-    try:
-        write_labels(output, labels.astype(dtype))
-    except OSError as exc:
-        return fail(1, f"cannot write {output}: {exc.strerror or exc}; an earlier file there "
-                       "is unchanged")
-    n = int(np.count_nonzero(np.unique(labels)))
-    print(f"{n} objects in {output} ({labels.shape}, {np.dtype(dtype).name})", file=sys.stderr)
-    return 0

@@ -33,12 +33,102 @@ def first_line(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------- inputs
-def read_stack(path: Path):
-    """A lazily read array for ``path`` (.tif/.tiff, .npy, a zarr array folder), memory-mapped
-    or chunked where possible. Raises ValueError saying what the file is not."""
+class AxisView:
+    """A lazy view of an N-D array-like (zarr, memmap, numpy…): some of its axes held at one
+    index (``fixed``: {axis: index}), the others kept in order, optionally behind a new
+    leading axis of length 1 (``new_axis``: a 2D image seen as a one-slice stack).
+
+    Indexing with integers and slices (and ``...``) reads, or writes, only the selected
+    region of the underlying array; results are numpy arrays. Shapes: the underlying
+    shape less the fixed axes (plus the leading 1).
+    """
+
+    def __init__(self, array, fixed: dict[int, int] | None = None, new_axis: bool = False) -> None:
+        self.array, self.new_axis = array, bool(new_axis)
+        shape = tuple(int(s) for s in array.shape)
+        self.fixed = {int(a) % len(shape): int(i) for a, i in (fixed or {}).items()}
+        for axis, index in self.fixed.items():
+            if not 0 <= index < shape[axis]:
+                raise ValueError(f"expected an index in [0, {shape[axis] - 1}] on axis {axis}, "
+                                 f"got {index}")
+        self.kept = tuple(a for a in range(len(shape)) if a not in self.fixed)
+        self.shape = (1,) * self.new_axis + tuple(shape[a] for a in self.kept)
+        self.dtype = np.dtype(array.dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _source_key(self, key) -> tuple[tuple, bool]:
+        """(key of the underlying array, whether the new leading axis stays in the result)."""
+        key = list(key) if isinstance(key, tuple) else [key]
+        if any(k is Ellipsis for k in key):
+            at = key.index(Ellipsis)
+            key[at:at + 1] = [slice(None)] * (self.ndim - len(key) + 1)
+        key += [slice(None)] * (self.ndim - len(key))
+        if len(key) != self.ndim or not all(isinstance(k, (slice, int, np.integer)) for k in key):
+            raise IndexError(f"expected up to {self.ndim} integers or slices, got {key!r}")
+        keep_new = False
+        if self.new_axis:
+            first, key = key[0], key[1:]
+            if isinstance(first, slice):
+                keep_new = len(range(1)[first]) == 1
+                if not keep_new:
+                    raise IndexError(f"expected a non-empty selection, got {first}")
+            elif int(first) not in (0, -1):
+                raise IndexError(f"expected index 0 on an axis of length 1, got {first}")
+        source = [slice(None)] * len(self.array.shape)
+        for axis, index in self.fixed.items():
+            source[axis] = index
+        for axis, k in zip(self.kept, key):
+            source[axis] = k
+        return tuple(source), keep_new
+
+    def __getitem__(self, key) -> np.ndarray:
+        source, keep_new = self._source_key(key)
+        out = np.asarray(self.array[source])
+        return out[None] if keep_new else out
+
+    def __setitem__(self, key, value) -> None:
+        source, keep_new = self._source_key(key)
+        value = np.asarray(value)
+        self.array[source] = value[0] if keep_new and value.ndim == len(self.shape) else value
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:  # whole: only for small data
+        out = self[...]
+        return out if dtype is None else out.astype(dtype)
+
+
+def read_stack(path: Path, *, level: int | None = None, channel: int | None = None):
+    """A lazily read array for ``path`` (.tif/.tiff, .npy, a zarr array folder, an OME-Zarr
+    image group), memory-mapped or chunked where possible. Raises ValueError saying what
+    the file is not. ``level`` / ``channel``: see :func:`open_input`."""
+    return open_input(path, level=level, channel=channel)[0]
+
+
+def open_input(path: Path, *, level: int | None = None, channel: int | None = None):
+    """(pixels, OME-Zarr image or None) of ``path``: pixels are a lazily read array-like
+    ((H, W[, C]) or (N, H, W[, C])); for an OME-Zarr image group (NGFF 0.4 / 0.5) they are
+    its resolution ``level`` (default 0, full resolution) with ``channel`` picked and axes
+    of length 1 dropped (see :mod:`napari_sam._cli.ome_zarr`). ``level`` and ``channel``
+    are refused for other inputs."""
+    from .ome_zarr import is_ome_zarr, open_ome_zarr
+
     path = Path(path)
     if not path.exists():
         raise ValueError(f"expected an existing input file, got {path} (not found)")
+    if path.is_dir() and is_ome_zarr(path):
+        image = open_ome_zarr(path, level=level, channel=channel)
+        array = image.pixels()
+        check_pixels(path, array)
+        return array, image
+    for name, value in (("--level", level), ("--channel", channel)):
+        if value is not None:
+            raise ValueError(f"expected {name} only with an OME-Zarr image input, got it with "
+                             f"{path.name}")
     suffix = path.suffix.lower()
     if path.is_dir() or suffix == ".zarr":
         array = read_zarr(path)
@@ -49,16 +139,14 @@ def read_stack(path: Path):
     else:
         raise ValueError(f"expected a .tif, .tiff, .npy or .zarr input, got {path.name}")
     check_pixels(path, array)
-    return array
+    return array, None
 
 
 def read_tiff(path: Path):
     import tifffile
 
-    try:
+    with contextlib.suppress(Exception):  # compressed/tiled: read it chunk-wise instead
         return tifffile.memmap(path, mode="r")
-    except Exception:  # noqa: BLE001 - compressed/tiled: read it chunk-wise instead
-        pass
     try:
         import zarr
 

@@ -1,0 +1,359 @@
+"""Large data from the command line: OME-Zarr in (NGFF 0.4 / 0.5, any level), OME-Zarr labels
+and chunked zarr labels out, lazy inputs, tiling flags, and peak memory bounded on a volume.
+
+Geometry is checked in-process with the oracle (its AIS decoder returns perfect maps of the
+objects it was shown); formats, refusals and memory with the installed ``napari-sam``
+command and random vit_t weights, as a user runs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from conftest import patch_build_sam
+from oracle import OracleSam, with_instance_decoder
+from test_automatic_oracle import draw_objects, iou
+from test_cli_embed import NAPARI_SAM, napari_sam, random_vit_t_checkpoint
+
+from napari_sam._cli.files import AxisView, read_stack, read_tiff
+from napari_sam.cli import main
+from napari_sam.engine.tiling import TileGrid
+
+TYPES = {"t": "time", "c": "channel"}
+AIS = ["--model", "vit_t_lm", "--mode", "ais"]  # with the oracle: its perfect AIS decoder
+AMG = ["--mode", "amg", "--points-per-side", "4", "--pred-iou-thresh", "0",
+       "--stability-score-thresh", "0", "--quiet"]  # random weights: keep every mask
+
+
+def write_ome_zarr(path, data, axes: str, version: str = "0.4", n_levels: int = 2,
+                   scale=None, translation=None) -> list[np.ndarray]:
+    """An OME-Zarr image of ``data`` (axes e.g. "czyx", NGFF order) as another tool writes
+    it: level k is level 0 taken every 2**k pixels in y and x, its scale metadata
+    ``scale * 2**k`` there; NGFF 0.4 -> zarr format 2 + .zattrs, 0.5 -> zarr format 3 +
+    zarr.json ``attributes.ome``. Returns the levels."""
+    fmt = 2 if version == "0.4" else 3
+    group = zarr.open_group(str(path), mode="w", zarr_format=fmt)
+    scale = list(scale or [1.0] * len(axes))
+    levels, datasets = [], []
+    for k in range(n_levels):
+        level = data[..., :: 2**k, :: 2**k]
+        extra = {"dimension_names": list(axes)} if fmt == 3 else {}
+        chunks = tuple(1 if a not in "yx" else min(s, 64) for a, s in zip(axes, level.shape))
+        group.create_array(str(k), shape=level.shape, chunks=chunks, dtype=level.dtype, **extra)[...] = level
+        level_scale = [s * (2**k if a in "yx" else 1) for a, s in zip(axes, scale)]
+        transforms = [{"type": "scale", "scale": level_scale}]
+        if translation is not None:
+            transforms.append({"type": "translation", "translation": list(translation)})
+        datasets.append({"path": str(k), "coordinateTransformations": transforms})
+        levels.append(level)
+    multiscale = {"name": "image", "axes": [{"name": a, "type": TYPES.get(a, "space")} for a in axes],
+                  "datasets": datasets}
+    if fmt == 2:
+        group.attrs["multiscales"] = [{"version": "0.4", **multiscale}]
+    else:
+        group.attrs["ome"] = {"version": "0.5", "multiscales": [multiscale]}
+    return levels
+
+
+def image_files(path) -> dict:
+    """{relative path: sha256} of every file of an OME-Zarr image outside labels/."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file() and "labels" not in p.relative_to(path).parts}
+
+
+def attributes(path) -> dict:
+    if (path / "zarr.json").exists():
+        return json.loads((path / "zarr.json").read_text())["attributes"]
+    return json.loads((path / ".zattrs").read_text())
+
+
+def ome(attrs: dict) -> dict:
+    return attrs.get("ome", attrs)
+
+
+def best_iou(labels: np.ndarray, mask: np.ndarray) -> float:
+    values, counts = np.unique(labels[mask], return_counts=True)
+    top = values[np.argmax(counts)]
+    return 0.0 if top == 0 else iou(labels == top, mask)
+
+
+@pytest.fixture
+def ais_oracle(monkeypatch):
+    """``build_sam`` returns the oracle with its AIS decoder (input size 256)."""
+    return patch_build_sam(monkeypatch, with_instance_decoder(OracleSam(256)))
+
+
+def objects_stack():
+    """(3, 200, 240) uint8 stack of 9 objects (slice 2 shifted right by 6 pixels) and the
+    (9, 200, 240) truth masks of slices 0-1."""
+    image, truth = draw_objects((200, 240), grid=(3, 3), seed=4, radius=(10, 24))
+    return np.stack([image, image, np.roll(image, 6, axis=1)]), truth
+
+
+# ---------------------------------------------------------------- OME-Zarr, in-process (geometry)
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_ome_zarr_labels_lie_over_the_image_at_every_level(tmp_path, ais_oracle, capsys, version):
+    stack, truth = objects_stack()
+    path = tmp_path / "img.ome.zarr"
+    levels = write_ome_zarr(path, stack[None], "czyx", version, scale=[1, 2.0, 0.5, 0.5],
+                            translation=[0, 10.0, 3.0, 4.0])
+    before = image_files(path)
+    assert main(["everything", str(path), *AIS, "--quiet"]) == 0
+    assert "9 objects in" in capsys.readouterr().err  # linked through the stack
+
+    group = path / "labels" / "napari-sam"
+    assert ome(attributes(path / "labels"))["labels"] == ["napari-sam"]
+    meta = ome(attributes(group))
+    multiscale = meta["multiscales"][0]
+    image_ms = ome(attributes(path))["multiscales"][0]
+    assert multiscale["axes"] == image_ms["axes"]
+    assert multiscale["datasets"] == image_ms["datasets"]  # same levels, scales, translations
+    assert meta["image-label"]["source"] == {"image": "../../"}
+    assert (version == "0.4") == (meta["image-label"].get("version") == "0.4")
+    labels = [zarr.open_array(str(group / str(k)), mode="r") for k in range(2)]
+    assert [a.shape for a in labels] == [(1, *lv.shape[1:]) for lv in levels]  # channel axis 1
+    assert labels[0].dtype == np.uint32 and labels[0].metadata.zarr_format == (2 if version == "0.4" else 3)
+    if version == "0.5":
+        assert list(labels[0].metadata.dimension_names) == ["c", "z", "y", "x"]
+    full = labels[0][0]
+    for z in (0, 1):
+        assert all(best_iou(full[z], t) >= 0.9 for t in truth)
+    assert all(best_iou(full[2], np.roll(t, 6, axis=1)) >= 0.9 for t in truth)
+    assert len(np.unique(full)) - 1 == 9  # linked: one id per object through the stack
+    half = labels[1][0]  # nearest-neighbour level 1 of the level-0 labels
+    assert np.array_equal(half, full[:, 1::2, 1::2])
+    assert image_files(path) == before  # the image's arrays and metadata untouched
+
+
+def test_ome_zarr_segmented_at_a_coarser_level(tmp_path, ais_oracle):
+    stack, truth = objects_stack()
+    path = tmp_path / "img.zarr"
+    write_ome_zarr(path, stack[None], "czyx", "0.5", n_levels=3)
+    assert main(["everything", str(path), *AIS, "--level", "1", "--ome-labels", "coarse",
+                 "--quiet"]) == 0
+    group = path / "labels" / "coarse"
+    assert ome(attributes(path / "labels"))["labels"] == ["coarse"]
+    labels = [zarr.open_array(str(group / str(k)), mode="r")[0] for k in range(3)]
+    assert [a.shape[1:] for a in labels] == [(200, 240), (100, 120), (50, 60)]
+    assert attributes(group)["napari-sam"]["level"] == 1
+    for t in truth:  # segmented at level 1; level 0 resampled from it, level 2 too
+        assert best_iou(labels[1][0], t[::2, ::2]) >= 0.85
+        assert best_iou(labels[0][0], t) >= 0.8
+
+
+def test_ome_zarr_channels_levels_and_names_are_checked_before_the_model(tmp_path, ais_oracle, capsys):
+    stack, _ = objects_stack()
+    path = tmp_path / "img.zarr"
+    write_ome_zarr(path, np.stack([stack, stack // 2]), "czyx", "0.4")
+    cases = {
+        (): "got 2 in img.zarr (axis c): pick one with --channel K",
+        ("--channel", "2"): "expected --channel in [0, 1], got 2",
+        ("--channel", "0", "--level", "2"): "expected --level in [0, 1]",
+        ("--channel", "0", "--ome-labels", ".hidden"): "expected a label name",
+        ("--channel", "0", "-o", str(path / "labels" / "x.zarr")): "inside it",
+        ("--channel", "0", "-o", str(tmp_path / "o.tif"), "--ome-labels", "a"): "either -o/--output or --ome-labels",
+    }
+    for extra, message in cases.items():
+        assert main(["everything", str(path), *extra, "--quiet"]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    tifffile.imwrite(tmp_path / "img.tif", stack)
+    for extra, message in {(): "expected -o/--output LABELS", ("--level", "1", "-o", str(tmp_path / "o.tif")):
+                           "expected --level only with an OME-Zarr"}.items():
+        assert main(["everything", str(tmp_path / "img.tif"), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert ais_oracle.build_calls == [] and not (path / "labels").exists()
+    assert main(["everything", str(path), "--channel", "1", *AIS, "--quiet"]) == 0
+    assert zarr.open_array(str(path / "labels" / "napari-sam" / "0"), mode="r").shape == (1, 3, 200, 240)
+
+
+def test_an_interrupted_run_leaves_the_earlier_outputs_and_no_temporary(tmp_path, ais_oracle, monkeypatch):
+    stack, _ = objects_stack()
+    path = tmp_path / "img.zarr"
+    write_ome_zarr(path, stack[None], "czyx", "0.4")
+    assert main(["everything", str(path), *AIS, "--quiet"]) == 0
+    assert main(["everything", str(path), *AIS, "-o", str(tmp_path / "l.zarr"), "--quiet"]) == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    from napari_sam.engine import instances
+
+    calls = []
+    original = instances.SamInstanceSegmenter.job
+
+    def interrupted(self, *args, **kwargs):  # Ctrl-C while slice 2 is segmented
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return (yield from original(self, *args, **kwargs))
+
+    monkeypatch.setattr(instances.SamInstanceSegmenter, "job", interrupted)
+    for extra in (["--overwrite"], ["--overwrite", "-o", str(tmp_path / "l.zarr")],
+                  ["-o", str(tmp_path / "l.tif")]):
+        calls.clear()
+        assert main(["everything", str(path), *AIS, "--quiet", *extra]) == 130
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # earlier labels intact, nothing half-written, no temporaries
+
+
+# ---------------------------------------------------------------- installed command
+@pytest.fixture
+def vit_t(tmp_path_factory):
+    return ["--model", "vit_t", "--checkpoint", random_vit_t_checkpoint(tmp_path_factory),
+            "--device", "cpu", "--precision", "fp32"]
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_the_installed_command_writes_ome_zarr_labels_and_refuses_to_overwrite(tmp_path, vit_t, version):
+    stack, _ = objects_stack()
+    path = tmp_path / "img.ome.zarr"
+    write_ome_zarr(path, stack[None, :2] * 20, "czyx", version, scale=[1, 2.0, 0.5, 0.5])
+    before = image_files(path)
+    run = napari_sam("everything", path, *vit_t, *AMG)
+    assert run.returncode == 0, run.stderr
+    assert "objects in" in run.stderr and str(path / "labels" / "napari-sam") in run.stderr
+    group = zarr.open_group(str(path / "labels" / "napari-sam"), mode="r")
+    first = group["0"][...]
+    assert first.shape == (1, 2, 200, 240) and first.max() > 0
+    assert ome(dict(group.attrs))["image-label"]["source"]["image"] == "../../"
+    assert image_files(path) == before
+    stamp = {p: p.stat().st_mtime_ns for p in (path / "labels").rglob("*")}
+    run = napari_sam("everything", path, *vit_t, *AMG)  # exists: refused before the model
+    assert run.returncode == 2 and "--overwrite" in run.stderr and "Traceback" not in run.stderr
+    assert {p: p.stat().st_mtime_ns for p in (path / "labels").rglob("*")} == stamp
+    run = napari_sam("everything", path, *vit_t, *AMG, "--overwrite", "--points-per-side", "2")
+    assert run.returncode == 0, run.stderr
+    assert ome(attributes(path / "labels"))["labels"] == ["napari-sam"]  # listed once
+    assert [p.name for p in (path / "labels").iterdir() if p.name.startswith(".napari-sam")] == []
+
+
+def test_the_installed_command_writes_zarr_equal_to_tiff_and_npy(tmp_path, vit_t):
+    stack, _ = objects_stack()
+    np.save(tmp_path / "stack.npy", stack[:2] * 20)
+    outputs = {name: tmp_path / name for name in ("l.tif", "l.npy", "l.zarr")}
+    for out in outputs.values():
+        run = napari_sam("everything", tmp_path / "stack.npy", "-o", out, *vit_t, *AMG)
+        assert run.returncode == 0, run.stderr
+    tif, npy = tifffile.imread(outputs["l.tif"]), np.load(outputs["l.npy"])
+    array = zarr.open_array(str(outputs["l.zarr"]), mode="r")
+    assert array.dtype == np.uint32 and array.chunks == (1, 200, 240)  # one chunk per slice
+    assert tif.shape == (2, 200, 240) and tif.max() > 0 and tif.dtype == np.uint16
+    assert np.array_equal(array[...], tif) and np.array_equal(npy, tif)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.npy", "l.tif", "l.zarr", "stack.npy"]
+    # a zarr output is replaced only with --overwrite, and only if napari-sam wrote it
+    run = napari_sam("everything", tmp_path / "stack.npy", "-o", outputs["l.zarr"], *vit_t, *AMG)
+    assert run.returncode == 2 and "--overwrite" in run.stderr
+    foreign = tmp_path / "foreign.zarr"
+    zarr.create_array(str(foreign), shape=(2, 200, 240), dtype="uint8", zarr_format=2)[...] = 7
+    run = napari_sam("everything", tmp_path / "stack.npy", "-o", foreign, *vit_t, *AMG, "--overwrite")
+    assert run.returncode == 2 and "did not write" in run.stderr
+    assert (zarr.open_array(str(foreign), mode="r")[...] == 7).all()
+
+
+def test_tiling_flags_are_checked_before_the_model_and_reach_the_engine(tmp_path, ais_oracle, capsys):
+    image, truth = draw_objects((600, 700), grid=(4, 5), seed=7, radius=(12, 30))
+    np.save(tmp_path / "big.npy", image)
+    bad = {("--tile-shape", "256", "--halo", "128"): "expected a halo smaller than half the tile",
+           ("--tile-shape", "1", "2", "3"): "expected --tile-shape as one or two integers",
+           ("--tiling", "off", "--tile-shape", "512"): "expected --tiling auto or on"}
+    for extra, message in bad.items():
+        assert main(["everything", str(tmp_path / "big.npy"), "-o", str(tmp_path / "o.tif"), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert ais_oracle.build_calls == []
+    out = tmp_path / "tiled.zarr"
+    assert main(["everything", str(tmp_path / "big.npy"), "-o", str(out), *AIS,
+                 "--tiling", "on", "--tile-shape", "256", "--halo", "32", "--quiet"]) == 0
+    assert ais_oracle.encode_calls == len(TileGrid((600, 700), 256, 32)) == 12  # each tile once
+    labels = zarr.open_array(str(out), mode="r")
+    assert labels.shape == (600, 700) and labels.chunks == (256, 256)
+    assert all(best_iou(labels[...], t) >= 0.9 for t in truth)
+    assert len(np.unique(labels[...])) - 1 == len(truth)  # each object once across tiles
+
+
+# ---------------------------------------------------------------- lazy reading
+class Recording(AxisView):
+    """An AxisView recording the number of pixels of each read."""
+
+    reads: ClassVar[list[int]] = []
+
+    def __getitem__(self, key):
+        out = super().__getitem__(key)
+        Recording.reads.append(out.size)
+        return out
+
+
+def test_inputs_are_read_a_slice_at_a_time(tmp_path, ais_oracle, monkeypatch):
+    stack, _ = objects_stack()
+    path = tmp_path / "img.zarr"
+    write_ome_zarr(path, np.concatenate([stack] * 3)[None], "czyx", "0.4")
+    from napari_sam._cli import ome_zarr
+
+    monkeypatch.setattr(ome_zarr, "AxisView", Recording)
+    Recording.reads = []
+    assert main(["everything", str(path), *AIS, "--quiet"]) == 0
+    plane = 200 * 240
+    assert Recording.reads and max(Recording.reads) <= plane  # never more than one slice
+    assert sum(Recording.reads) <= (9 + 9) * plane  # contrast samples + one read per slice
+
+
+def test_compressed_tiffs_stay_lazy_and_2d_zarr_inputs_work(tmp_path, ais_oracle):
+    stack, truth = objects_stack()
+    tifffile.imwrite(tmp_path / "zip.tif", stack, compression="zlib", tile=(64, 64))
+    lazy = read_tiff(tmp_path / "zip.tif")
+    assert not isinstance(lazy, np.ndarray) and lazy.chunks == (1, 64, 64)
+    assert np.array_equal(np.asarray(lazy[1]), stack[1])
+    zarr.create_array(str(tmp_path / "plane.zarr"), shape=(200, 240), chunks=(64, 64),
+                      dtype="uint8", zarr_format=3)[...] = stack[0]
+    assert read_stack(tmp_path / "plane.zarr").shape == (200, 240)
+    assert main(["everything", str(tmp_path / "plane.zarr"), "-o", str(tmp_path / "p.tif"),
+                 *AIS, "--quiet"]) == 0
+    labels = tifffile.imread(tmp_path / "p.tif")
+    assert labels.shape == (200, 240) and all(best_iou(labels, t) >= 0.9 for t in truth)
+
+
+# ---------------------------------------------------------------- peak memory
+def peak_rss_mb(*args) -> tuple[float, subprocess.CompletedProcess]:
+    """Peak resident memory (MiB) of the installed command run with ``args``: the kernel's
+    ru_maxrss of that process (os.wait4), no polling."""
+    proc = subprocess.Popen([str(NAPARI_SAM), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    out, err = proc.stdout.read(), proc.stderr.read()
+    return usage.ru_maxrss / 1024, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def write_volume(path, n: int, side: int = 2048):
+    """(n, side, side) uint16 zarr volume, one chunk per 512 x 512 block, written slice by slice."""
+    array = zarr.create_array(str(path), shape=(n, side, side), chunks=(1, 512, 512), dtype="uint16",
+                              zarr_format=2)
+    yy, xx = np.mgrid[0:side, 0:side]
+    for z in range(n):
+        array[z] = ((np.sin(yy / 40.0 + z) * np.cos(xx / 55.0) > 0.3) * 3000 + yy % 97).astype(np.uint16)
+
+
+@pytest.mark.slow  # ~2-5 min on 2 cores: 14 vit_t encodes and 14 AMG slices of 2048 x 2048
+def test_a_lazy_volume_is_embedded_and_segmented_in_bounded_memory(tmp_path, vit_t):
+    """(12, 2048, 2048) uint16 (96 MiB; its uint32 labels 192 MiB): the peak RSS of `embed`
+    and of `everything --store` exceeds that of the same commands on a 2-slice volume by
+    less than 64 MiB, i.e. memory does not grow with the stack: model + a few slices."""
+    peaks = {}
+    for n in (2, 12):
+        write_volume(tmp_path / f"v{n}.zarr", n)
+        store, out = tmp_path / f"s{n}.zarr", tmp_path / f"l{n}.zarr"
+        rss_embed, run = peak_rss_mb("embed", tmp_path / f"v{n}.zarr", "--store", store, *vit_t, "--quiet")
+        assert run.returncode == 0, run.stderr
+        rss_all, run = peak_rss_mb("everything", tmp_path / f"v{n}.zarr", "-o", out, "--store", store,
+                                   *vit_t, *AMG)
+        assert run.returncode == 0, run.stderr
+        peaks[n] = (rss_embed, rss_all)
+        labels = zarr.open_array(str(out), mode="r")
+        assert labels.shape == (n, 2048, 2048) and labels[n - 1].max() > 0
+    print(f"peak RSS MiB (embed, everything): 2 slices {peaks[2]}, 12 slices {peaks[12]}")
+    assert peaks[12][0] - peaks[2][0] < 64 and peaks[12][1] - peaks[2][1] < 64, peaks
