@@ -357,3 +357,80 @@ def test_a_lazy_volume_is_embedded_and_segmented_in_bounded_memory(tmp_path, vit
         assert labels.shape == (n, 2048, 2048) and labels[n - 1].max() > 0
     print(f"peak RSS MiB (embed, everything): 2 slices {peaks[2]}, 12 slices {peaks[12]}")
     assert peaks[12][0] - peaks[2][0] < 64 and peaks[12][1] - peaks[2][1] < 64, peaks
+
+
+# ---------------------------------------------------------------- Dask
+ORACLE_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "oracle_site")
+
+
+def oracle_env(**extra) -> dict:
+    """Environment in which the installed command (and its Dask workers) builds the oracle
+    with its AIS decoder (tests/oracle_site/sitecustomize.py) and uses one thread."""
+    return {**os.environ, "PYTHONPATH": ORACLE_SITE, "NAPARI_SAM_ORACLE": "256",
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+def moving_stack(n: int, shape=(300, 350)) -> np.ndarray:
+    """(n, H, W) uint8 stack of 12 objects drifting 3 pixels right per slice."""
+    image, _ = draw_objects(shape, grid=(3, 4), seed=9, radius=(12, 30))
+    return np.stack([np.roll(image, 3 * z, axis=1) for z in range(n)])
+
+
+def test_on_a_cluster_the_labels_equal_the_in_process_ones(tmp_path):
+    """--workers 2: slices segmented (tiled here) by two worker processes, linked on the
+    client: the same labels as in process; with --store the workers read the stored
+    embeddings (the store's files are not rewritten)."""
+    np.save(tmp_path / "in.npy", moving_stack(5))
+    env, common = oracle_env(), [*AIS, "--tiling", "on", "--tile-shape", "256", "--halo", "32"]
+    here = napari_sam("everything", tmp_path / "in.npy", "-o", tmp_path / "a.zarr", *common, env=env)
+    there = napari_sam("everything", tmp_path / "in.npy", "-o", tmp_path / "b.zarr", *common,
+                       "--workers", "2", "--quiet", env=env)
+    assert here.returncode == 0 and there.returncode == 0, (here.stderr, there.stderr)
+    assert "Traceback" not in there.stderr and "12 objects in" in there.stderr
+    a, b = (zarr.open_array(str(tmp_path / n), mode="r")[...] for n in ("a.zarr", "b.zarr"))
+    assert a.max() == 12 and np.array_equal(a, b)
+
+    run = napari_sam("embed", tmp_path / "in.npy", "--store", tmp_path / "s.zarr", "--model",
+                     "vit_t_lm", "--tiling", "on", "--tile-shape", "256", "--halo", "32", "--quiet", env=env)
+    assert run.returncode == 0, run.stderr
+    stamp = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "s.zarr").rglob("*") if p.is_file()}
+    stored = napari_sam("everything", tmp_path / "in.npy", "-o", tmp_path / "c.zarr", *AIS, "--store",
+                        tmp_path / "s.zarr", "--workers", "2", "--quiet", env=env)
+    assert stored.returncode == 0, stored.stderr
+    assert np.array_equal(zarr.open_array(str(tmp_path / "c.zarr"), mode="r")[...], a)
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "s.zarr").rglob("*")
+            if p.is_file()} == stamp
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zarr", "b.zarr", "c.zarr", "in.npy", "s.zarr"]
+
+
+def test_a_worker_killed_mid_run_loses_only_its_slice(tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    np.save(tmp_path / "in.npy", moving_stack(8, (200, 240)))
+    env = oracle_env(NAPARI_SAM_ORACLE_DELAY="1.5")  # 1.5 s per slice: time to kill a worker in one
+    proc = subprocess.Popen([str(NAPARI_SAM), "everything", str(tmp_path / "in.npy"), "-o",
+                             str(tmp_path / "l.zarr"), *AIS, "--workers", "2", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(tmp_path.glob(".l.zarr.*.slices.zarr/[0-9]*")):  # a first slice landed
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        os.kill(workers[0].pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    here = napari_sam("everything", tmp_path / "in.npy", "-o", tmp_path / "here.zarr", *AIS,
+                      env=oracle_env())
+    assert here.returncode == 0, here.stderr
+    assert np.array_equal(zarr.open_array(str(tmp_path / "l.zarr"), mode="r")[...],
+                          zarr.open_array(str(tmp_path / "here.zarr"), mode="r")[...])

@@ -28,12 +28,15 @@ input or arguments (checked before any model is loaded, the output folder includ
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from . import add_model_arguments, cli_wording
+from .cluster import add_cluster_arguments, check_cluster_arguments, cluster_job
 from .files import AxisView, check_image_size, open_input
 from .label_outputs import FileLabels, LabelCounter, ZarrLabels
 
@@ -129,6 +132,7 @@ def add_parser(subparsers) -> None:
                    help="embedding store of INPUT made by `napari-sam embed` (same model): "
                         "slices stored there are not encoded again (ais/apg then need no "
                         "encoder at all); missing slices are encoded and added")
+    add_cluster_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -161,6 +165,11 @@ def as_stack(data, rgb: str):
     if isinstance(data, np.ndarray):
         return (data, False) if spatial == 3 else (data[None], True)
     return AxisView(data, new_axis=spatial == 2), spatial == 2  # zarr arrays have no len()
+
+
+def open_stack(path: str, level: int | None, channel: int | None, rgb: str):
+    """The input as ``run`` sees it ((N, H, W[, C]), lazy): what cluster workers re-open."""
+    return as_stack(read_input(Path(path), level, channel)[0], rgb)[0]
 
 
 def file_output(args, input_path: Path):
@@ -213,7 +222,7 @@ def tiling_options(args, plane_hw: tuple[int, int], image_size: int | None = Non
 
 
 def open_store(args, stack, model, limits, tiling: dict):
-    """(contrast limits, embedding_for, grid) of ``--store``: its normalisation unless
+    """(the store, embedding_for) of ``--store``: its normalisation unless
     --contrast-limits, its tiling unless tiling flags are given. ValueError: refused."""
     from ..engine.store import EmbeddingStore, StoreError, StoreMismatchError
 
@@ -229,8 +238,8 @@ def open_store(args, stack, model, limits, tiling: dict):
     except StoreError as exc:
         raise ValueError(str(exc)) from None
     if store.grid is None:
-        return store.contrast_limits, store.embedding, None
-    return (store.contrast_limits, lambda z: (lambda k: store.tile_embedding(z, k)), store.grid)
+        return store, store.embedding
+    return store, lambda z: (lambda k: store.tile_embedding(z, k))
 
 
 def segmenter_options(args) -> dict:
@@ -291,6 +300,7 @@ def run(args) -> int:
             output.check()
         plane_hw = tuple(int(v) for v in stack.shape[1:3])
         tiling_options(args, plane_hw)  # refused now rather than after loading the model
+        on_cluster = check_cluster_arguments(args)
         options = segmenter_options(args)
         limits = tuple(args.contrast_limits) if args.contrast_limits else None
         if limits is None and not single and not args.store:  # one normalisation for every slice
@@ -308,9 +318,10 @@ def run(args) -> int:
         mode = args.mode if args.mode != "auto" else default_mode(model)
         segmenter = SamInstanceSegmenter(model, mode, **options)
         tiling, grid = tiling_options(args, plane_hw, model.image_size)
-        embedding_for = None
+        embedding_for = store = None
         if args.store:
-            limits, embedding_for, grid = open_store(args, stack, model, limits, tiling)
+            store, embedding_for = open_store(args, stack, model, limits, tiling)
+            limits, grid = store.contrast_limits, store.grid
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         return fail(2, str(exc))
     except CheckpointDownloadError as exc:
@@ -325,10 +336,19 @@ def run(args) -> int:
     except OSError as exc:
         return fail(1, f"cannot write {output.target}: {exc.strerror or exc}")
     labels = LabelCounter(AxisView(out, new_axis=True) if single else out)
-    job = segmenter.stack_job(stack, contrast_limits=limits, link_iou=args.link_iou,
-                              embedding_for=embedding_for, out=labels, **tiling, grid=grid)
+    where = (f" on {args.workers} workers" if args.workers else f" on {args.scheduler}") if on_cluster else ""
     try:
-        code = _run(job, tqdm, f"everything ({segmenter.mode})", args.quiet, fail)
+        with contextlib.ExitStack() as context:
+            if on_cluster:
+                source = functools.partial(open_stack, str(input_path.resolve()), args.level,
+                                           args.channel, args.rgb)
+                job = context.enter_context(cluster_job(
+                    args, source, segmenter, options, limits, {**tiling, "grid": grid}, store,
+                    labels, output.target))
+            else:
+                job = segmenter.stack_job(stack, contrast_limits=limits, link_iou=args.link_iou,
+                                          embedding_for=embedding_for, out=labels, **tiling, grid=grid)
+            code = _run(job, tqdm, f"everything ({segmenter.mode}){where}", args.quiet, fail)
         if code == 0:
             output.commit(labels.max_label)
     except OSError as exc:
