@@ -31,7 +31,7 @@ from ..model.instance_decoder import DecodingStopped, InstanceDecoder
 from .automatic import Progress, SamAutomaticMaskGenerator, run_to_end
 from .instance_segmentation import AisParameters, instances_from_decoder_outputs
 from .label_image import link_slice, masks_to_label_image
-from .predictor import ImageEmbedding, SamPredictor
+from .predictor import ImageEmbedding, SamPredictor, Stopped
 from .prompt_generation import ApgParameters, prompt_generation_job
 from .tiled_instances import nested_job, tiled_labels_job
 from .tiled_predictor import TiledEmbedding
@@ -247,7 +247,11 @@ class SamInstanceSegmenter:
         """One (untiled) image or tile: ((H, W) uint32 labels, decoder outputs or None)."""
         if embedding is None:
             yield Progress(0, 1, "encoding")
-            embedding = self.predictor.encode_image(np.asarray(image), contrast_limits=contrast_limits)
+            try:
+                embedding = self.predictor.encode_image(np.asarray(image), contrast_limits=contrast_limits,
+                                                        cancel=cancel)
+            except Stopped:  # cancelled inside the encoder
+                return None
             if cancel is not None and cancel.is_set():
                 return None
         if self.mode == "amg":

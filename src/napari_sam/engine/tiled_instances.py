@@ -25,7 +25,7 @@ from collections.abc import Callable, Generator
 import numpy as np
 
 from .automatic import Progress
-from .predictor import ImageEmbedding
+from .predictor import ImageEmbedding, Stopped
 from .stitching import TileStitcher
 from .tiled_predictor import encode_tile, resolve_tile_limits
 from .tiling import TileGrid, image_hw_of, read_tile
@@ -113,7 +113,12 @@ def tiled_labels_job(labels_job: LabelsJob, predictor, image, grid: TileGrid, *,
             raise ValueError(f"expected the image's pixels or tile {tile.index}'s embedding, got neither")
         if embedding is None:
             yield Progress(tile.index, n, f"tile {tile.index + 1}/{n}: encoding")
-            embedding = encode_tile(predictor, image, tile, tile_limits())
+            try:
+                embedding = encode_tile(predictor, image, tile, tile_limits(), cancel)
+            except Stopped:  # cancelled inside the encoder
+                return None
+            if cancel is not None and cancel.is_set():
+                return None
         pixels = None
         if mode == "amg":
             pixels = read_tile(image, tile)
