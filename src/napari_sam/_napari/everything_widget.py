@@ -158,6 +158,7 @@ class SegmentEverythingWidget(QWidget):
             ev.connect(self._refresh_layers)
         self.session.model_changed.connect(self._show_model)
         self.session.tiling_changed.connect(self._show_tiling)
+        self.session.embeddings_changed.connect(self._show_tiling)
         self.viewer.dims.events.current_step.connect(self._show_tiling)
         self._image_combo.currentIndexChanged.connect(self._show_tiling)
         on_close(self, _cleanup(self.viewer, self.session, self._refresh_layers, self._show_model, self.runner,
@@ -461,6 +462,8 @@ class SegmentEverythingWidget(QWidget):
     def _on_progress(self, step: Progress) -> None:
         self.runner.step(step.done, step.total)
         self._status.setText(step.message)
+        if step.message.startswith("tile "):
+            self.session.embeddings_changed.emit()  # tiles cached: status lines follow
 
     def _on_busy_changed(self, busy: bool) -> None:
         self._run_button.setEnabled(not busy)
@@ -499,6 +502,7 @@ def _cleanup(viewer, session, refresh, show_model, runner, show_tiling, panel):
         runner.shutdown()
         panel.close_panel()
         session.tiling_changed.disconnect(show_tiling)
+        session.embeddings_changed.disconnect(show_tiling)
         viewer.dims.events.current_step.disconnect(show_tiling)
         events = viewer.layers.events
         for ev in (events.inserted, events.removed, events.reordered):

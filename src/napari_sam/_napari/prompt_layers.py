@@ -51,7 +51,9 @@ def copy_spatial(src, dst) -> None:
 
 
 def _marker_size(image) -> float:
-    return float(max(3.0, 0.012 * max(spatial_shape(image)[-2:])))
+    """Prompt marker size in data pixels: 1.2% of the image, at most that of a 1536 px
+    image (a click on a small object of a huge image must not hide it)."""
+    return float(max(3.0, 0.012 * min(max(spatial_shape(image)[-2:]), 1536)))
 
 
 def _reusable_layer(viewer, role: str, ndim: int):
@@ -76,6 +78,7 @@ def ensure_points_layer(viewer, image) -> Points:
             face_color_cycle={True: POSITIVE_COLOR, False: NEGATIVE_COLOR},
             border_color="white",
             size=_marker_size(image),
+            canvas_size_limits=(6, 10000),  # zoomed out on a huge image: still visible
             metadata={ROLE_KEY: POINTS_ROLE},
         )
         copy_spatial(image, layer)  # before adding: the viewer's extent never jumps

@@ -302,6 +302,7 @@ class InteractiveSegmenter(TiledPlanes):
         elif self.auto_encode and self.session.has_model and not self.encoder.activate():
             self.encoder.request()
         self.update_preview()
+        self.changed.emit()
 
     def _prompts(self):
         empty = (np.zeros((0, 2)), np.zeros(0, int), 0)

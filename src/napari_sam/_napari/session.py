@@ -74,10 +74,12 @@ class SamSession:
     Signals (emitted on the GUI thread):
         model_changed(model): after :meth:`set_model` / :meth:`load_model`.
         tiling_changed(): after :meth:`set_tiling` or :meth:`set_level`.
+        embeddings_changed(): a widget cached new embeddings (tiles) — for status lines.
     """
 
     model_changed = Signal(object)
     tiling_changed = Signal()
+    embeddings_changed = Signal()
 
     def __init__(self, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         self.cache = EmbeddingCache(cache_size)

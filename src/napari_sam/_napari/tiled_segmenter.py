@@ -103,6 +103,7 @@ class TiledPlanes:
         if self.prediction is None and k in self._prompt_tiles:
             self.update_preview()  # its prompts were waiting for this tile
         self.changed.emit()
+        self.session.embeddings_changed.emit()
 
     def _on_camera(self, event=None) -> None:
         if self.tiles is not None and self.auto_encode:

@@ -142,7 +142,7 @@ def describe_plane(session, source, plane: SlicePlane | None, tiles: TileSource 
     if plane is None or not session.has_model:
         return "tiling: no image or model yet"
     level = getattr(source, "level", None)
-    at = "" if level is None else f" (level {level})"
+    at = "" if level is None else f" at level {level}"
     size = session.model.image_size
     grid = session.grid_for(source, plane)
     if grid is None:

@@ -92,6 +92,7 @@ class SegmentAnythingWidget(QWidget):
             lambda busy: self._load_button.setText("Cancel loading" if busy else "Load model"))
         self.segmenter.changed.connect(self._update_ui)
         self.segmenter.encoder.runner.busy_changed.connect(lambda _busy: self._update_ui())
+        self.session.embeddings_changed.connect(self._update_ui)
         self.segmenter.status.connect(self._on_status)
         self.session.model_changed.connect(self._on_model_changed)
         events = self.viewer.layers.events
@@ -105,7 +106,7 @@ class SegmentAnythingWidget(QWidget):
 
         self._cleanup = _Cleanup(self.segmenter, self.viewer, self._bind_keys(),
                                  self._refresh_layer_choices, self._on_model_changed,
-                                 [self.loader, self.volume.runner], disarm)
+                                 [self.loader, self.volume.runner], disarm, self._update_ui)
         on_close(self, self._cleanup)
         self._refresh_layer_choices()
         self._on_model_changed(self.session.model)
@@ -464,13 +465,13 @@ class SegmentAnythingWidget(QWidget):
 class _Cleanup:
     """Runs when the widget's Qt object is destroyed: unhook it from viewer and session."""
 
-    def __init__(self, segmenter, viewer, bindings, refresh, on_model, runners, disarm) -> None:
-        self.args = (segmenter, viewer, bindings, refresh, on_model, runners, disarm)
+    def __init__(self, segmenter, viewer, bindings, refresh, on_model, runners, disarm, update) -> None:
+        self.args = (segmenter, viewer, bindings, refresh, on_model, runners, disarm, update)
 
     def __call__(self, *_args) -> None:
         if self.args is None:
             return
-        segmenter, viewer, bindings, refresh, on_model, runners, disarm = self.args
+        segmenter, viewer, bindings, refresh, on_model, runners, disarm, update = self.args
         self.args = None
         disarm()  # a pending "click a label to refine" must not outlive the widget
         for runner in runners:  # cancel and join: no result lands after the widget is gone
@@ -481,5 +482,6 @@ class _Cleanup:
         for layer in viewer.layers:
             layer.events.name.disconnect(refresh)
         segmenter.session.model_changed.disconnect(on_model)
+        segmenter.session.embeddings_changed.disconnect(update)
         for key, previous in bindings.items():
             viewer.bind_key(key, previous, overwrite=True)
