@@ -13,12 +13,12 @@ import time
 
 import numpy as np
 import pytest
+from conftest import dock
 from oracle import OracleSam, with_instance_decoder
 from qtpy.QtCore import Qt
 from test_napari_first_hour import click
 from test_tiling import _disk_image
 
-from conftest import dock
 from napari_sam.engine.tiling import TileGrid
 from napari_sam.model.interrupt import raise_if_stopped
 
@@ -371,3 +371,27 @@ def test_tiled_store_serves_tiles(viewer, qtbot, scene, tmp_path):
     wait_mask(qtbot, widget)
     assert model.encode_calls == len(GRID)  # from the store
     assert iou(widget.current_masks[0], truth == k) >= 0.9
+
+
+def test_refine_a_label_on_a_tiled_plane(viewer, qtbot, scene):
+    """Refining a committed object on a tiled plane: its mask (cropped to the tile) is the
+    mask prompt, a new positive point adds a neighbour, commit replaces the label."""
+    img, truth, centres = scene
+    layer = viewer.add_image(img, name="mosaic")
+    widget = dock(viewer, "Segment Anything")
+    widget.segmenter.auto_encode = False
+    widget.set_model(OracleSam(1024))
+    tile = GRID.tiles[9]
+    inside = [k for k, rc in enumerate(centres, 1) if GRID.tile_at(*rc) is tile]
+    a, b = inside[:2]
+    widget.add_point(layer.data_to_world(centres[a - 1]))
+    wait_mask(qtbot, widget)
+    label = widget.commit().label_ids[0]
+    assert widget.refine_label(label)
+    assert widget.segmenter.prediction.tiled  # shown as the label's region only
+    widget.add_point(layer.data_to_world(centres[b - 1]))
+    wait_mask(qtbot, widget)
+    assert widget.commit().label_ids == [label]
+    labels = viewer.layers["SAM labels"].data
+    assert iou(labels == label, (truth == a) | (truth == b)) >= 0.9
+    assert np.unique(labels).tolist() == [0, label]

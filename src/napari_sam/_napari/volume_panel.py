@@ -23,8 +23,16 @@ Scripting (through the widget)::
 
 from __future__ import annotations
 
-from qtpy.QtWidgets import (QFileDialog, QGridLayout, QGroupBox, QLabel, QMessageBox, QProgressBar,
-                            QPushButton, QSpinBox)
+from qtpy.QtWidgets import (
+    QFileDialog,
+    QGridLayout,
+    QGroupBox,
+    QLabel,
+    QMessageBox,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+)
 
 from ..engine.volume import run_generator
 from .geometry import base_data
@@ -273,9 +281,8 @@ class VolumePanel(QGroupBox):
         (refuse, nothing changes), "recompute" (clear what the store wrote, recompute) or
         "read_only" (use it as it is, never write). ``wait=True`` returns the store
         (None when refused); else the worker."""
-        from ..engine.store import EmbeddingStore, StoreMismatchError
-
         from ..engine.stack import single_image_stack
+        from ..engine.store import EmbeddingStore, StoreMismatchError
 
         layer, plane = self.segmenter.image_layer, self.segmenter.plane
         if layer is None or plane is None or not self.session.has_model:
