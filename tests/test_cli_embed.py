@@ -111,7 +111,7 @@ def test_compressed_tif_npy_and_axis(tmp_path, oracle):
     assert info["normalisation"]["contrast_limits"] == [0.0, 3000.0]
 
 
-@pytest.mark.parametrize("case", ["missing", "2d", "suffix", "foreign", "center", "mismatch"])
+@pytest.mark.parametrize("case", ["missing", "5d", "suffix", "foreign", "center", "mismatch"])
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, oracle, capsys, case):
     tif = tmp_path / "in.tif"
     tifffile.imwrite(tif, stack())
@@ -119,8 +119,8 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, oracle, capsys, case):
     extra = []
     if case == "missing":
         tif = tmp_path / "nope.tif"
-    elif case == "2d":
-        tifffile.imwrite(tif, stack()[0])
+    elif case == "5d":
+        np.save(tif := tmp_path / "in.npy", np.zeros((2, 2, 6, 40, 48), np.uint16))
     elif case == "suffix":
         tif = tmp_path / "in.png"
         tif.write_bytes(b"png")
@@ -135,7 +135,7 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, oracle, capsys, case):
     err = capsys.readouterr().err
     assert err.startswith("napari-sam embed: error:") and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
-    assert {"missing": "not found", "2d": "expected a 3D stack", "suffix": ".tif",
+    assert {"missing": "not found", "5d": "expected a stack (N, H, W)", "suffix": ".tif",
             "foreign": "refusing", "center": "--center",
             "mismatch": "different data (same shape, other pixels)"}[case] in err
     assert case != "mismatch" or "rerun with --on-mismatch recompute" in err
@@ -243,3 +243,28 @@ def test_store_and_input_are_checked_before_the_model_loads(tmp_path, oracle, ca
             "store-is-input": "refusing to overwrite the input"}[case] in err
     assert oracle.build_calls == [] and oracle.encode_calls == 0
     assert np.load(source).shape in ((6, 40, 48), (32, 40, 2))
+
+
+@pytest.mark.parametrize("colour", [False, True])
+def test_a_large_2d_image_is_one_slice_of_tiles(tmp_path, oracle, capsys, colour):
+    """A 2D image (H, W) or (H, W, 3) is a stack of one slice; --tiling auto tiles it (its
+    longest side exceeds 1.5 model inputs: 700 > 1.5 x 256), a rerun encodes nothing, and a
+    store of another tiling is refused, nothing deleted."""
+    image = stack(n=1, h=600, w=700)[0]
+    image = np.stack([image, image // 2, image // 3], axis=-1) if colour else image
+    tifffile.imwrite(tmp_path / "big.tif", image)
+    args = ["embed", str(tmp_path / "big.tif"), "--store", str(tmp_path / "s.zarr"), "--quiet"]
+    assert main(args) == 0
+    info = read_store_info(tmp_path / "s.zarr")
+    assert info["tiling"] == {"tile_shape": [256, 256], "halo": [32, 32]}
+    assert info["data"]["shape"] == [1, *image.shape] and info["n_ready"] == 12 == oracle.encode_calls
+    err = capsys.readouterr().err
+    assert "12 tiles of 256x256 pixels per slice" in err and "12/12 tiles ready" in err
+    assert main(args) == 0 and oracle.encode_calls == 12  # resumed: nothing to encode
+    assert main(args + ["--tiling", "off"]) == 2
+    err = capsys.readouterr().err
+    assert "different tiling (256x256 tiles, halo 32x32 in the store, off now)" in err
+    assert read_store_info(tmp_path / "s.zarr")["n_ready"] == 12
+    assert main(args + ["--tiling", "on", "--tile-shape", "300", "200", "--halo", "20",
+                        "--on-mismatch", "recompute"]) == 0
+    assert read_store_info(tmp_path / "s.zarr")["tiling"] == {"tile_shape": [300, 200], "halo": [20, 20]}

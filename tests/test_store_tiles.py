@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from oracle import OracleSam
+from test_store import snapshot
 
 from napari_sam.engine import SamPredictor
 from napari_sam.engine.stack import single_image_stack
 from napari_sam.engine.store import (
     EmbeddingStore,
+    StoreMismatchError,
     read_store_info,
 )
 from napari_sam.engine.tiled_predictor import TiledPredictor, encode_tile
@@ -109,3 +112,121 @@ def test_one_normalisation_from_sampled_tiles(tmp_path):
     y, x = np.mgrid[:150, :200]
     truth = (y - 40) ** 2 + (x - 30) ** 2 <= 12 * 12
     assert (masks[0] & truth).sum() / (masks[0] | truth).sum() > 0.9
+
+
+def test_a_cancelled_precompute_resumes_where_it_stopped(tmp_path):
+    vol, model = disks(), OracleSam(64)
+    store = tiled(tmp_path / "t.zarr", vol, model)
+    cancel = threading.Event()
+    done = []
+    for progress in store.precompute(center=0, cancel=cancel):
+        done.append(progress.index)
+        if len(done) == 14:
+            cancel.set()
+    assert done == list(range(14))
+    again = tiled(tmp_path / "t.zarr", vol, OracleSam(64))
+    assert again.status.state == "reused" and "14/36 tiles ready" in again.status.message
+    assert again.ready.sum() == 14 and list(again.slices_ready) == [True, False, False]
+    assert again.missing_items(center=2)[:3] == [24, 25, 26]
+    result = run_generator(again.precompute())
+    assert (result.n_computed, result.n_ready, result.n_slices) == (22, 36, 36)
+    assert again.predictor.model.encode_calls == 22 and again.slices_ready.all()
+
+
+def test_a_damaged_tile_is_recomputed(tmp_path):
+    vol, model = disks(), OracleSam(64)
+    store = tiled(tmp_path / "t.zarr", vol, model)
+    run_generator(store.precompute())
+    chunk = tmp_path / "t.zarr" / "features" / "13.0.0.0"  # slice 1, tile 1
+    raw = bytearray(chunk.read_bytes())
+    raw[10] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    again = tiled(tmp_path / "t.zarr", vol, OracleSam(64))
+    assert run_generator(again.verify()) == 1 and not again.ready[13] and not again.slices_ready[1]
+    again.tile_embedding(1, 1)
+    assert again.predictor.model.encode_calls == 1 and again.ready.all()
+
+
+def test_another_tiling_is_a_mismatch_never_a_deletion(tmp_path):
+    vol = disks()
+    path = tmp_path / "t.zarr"
+    run_generator(tiled(path, vol).precompute())
+    before = snapshot(path)
+    with pytest.raises(StoreMismatchError, match=r"tiling \(64x64 tiles, halo 8x8 in the store, "
+                       r"96x96 tiles, halo 12x12 now\)") as info:
+        tiled(path, vol, tile_shape=96, halo=None)
+    assert "tiling" in info.value.changed and not info.value.usable_read_only
+    with pytest.raises(StoreMismatchError, match=r"tiling \(64x64 tiles, halo 8x8 in the store, off now\)"):
+        EmbeddingStore.open(path, vol, OracleSam(64))
+    with pytest.raises(StoreMismatchError, match="cannot be used, even read-only"):
+        tiled(path, vol, tile_shape=96, on_mismatch="read_only")
+    assert snapshot(path) == before
+    stored = EmbeddingStore.open(path, vol, OracleSam(64), tiling="stored")
+    assert stored.status.state == "reused" and stored.grid == TileGrid((150, 200), 64, 8)
+    assert stored.ready.all()
+    redo = tiled(path, vol, tile_shape=96, halo=None, on_mismatch="recompute")
+    assert redo.status.state == "recomputed" and redo.n_tiles == 6 and not redo.ready.any()
+    assert read_store_info(path)["tiling"] == {"tile_shape": [96, 96], "halo": [12, 12]}
+
+
+class RecordingVolume:
+    """A huge (N, H, W) uint16 volume that exists only where it is read: pixels computed from
+    their coordinates; every key read is recorded."""
+
+    def __init__(self, shape):
+        self.shape, self.dtype, self.ndim, self.reads = tuple(shape), np.dtype(np.uint16), 3, []
+
+    def __getitem__(self, key):
+        z, rows, cols = key
+        assert isinstance(z, int) and isinstance(rows, slice) and isinstance(cols, slice), key
+        self.reads.append(key)
+        r = np.arange(*rows.indices(self.shape[1]), dtype=np.uint32)[:, None]
+        c = np.arange(*cols.indices(self.shape[2]), dtype=np.uint32)[None, :]
+        return ((r * 7 + c * 3 + z * 1000 + (r * c) % 251) % 4096).astype(np.uint16)
+
+    def pixels_read(self) -> int:
+        return sum(len(range(*k[1].indices(self.shape[1]))) * len(range(*k[2].indices(self.shape[2])))
+                   for k in self.reads)
+
+
+def test_only_tiles_are_read_from_a_lazy_volume(tmp_path):
+    """Opening a tiled store of a 2.4 GB volume hashes and normalises from 16 sampled tiles,
+    and a tile's embedding reads that tile only: never a whole slice."""
+    vol = RecordingVolume((2, 20000, 30000))
+    store = EmbeddingStore.open(tmp_path / "big.zarr", vol, OracleSam(256), tiling="on",
+                                tile_shape=1024, halo=128)
+    grid = store.grid
+    assert grid.grid_shape == (26, 39) and store.n_items == 2 * 26 * 39
+    outer = {(t.outer_rc[0], t.outer_rc[2]) for t in grid.tiles}
+    for _, rows, cols in vol.reads:  # each read lies in one tile
+        assert (rows.start, cols.start) in outer and rows.stop - rows.start == 1024
+    assert len(vol.reads) == 32 and vol.pixels_read() <= 16 * 1024 * 1024 * 5 // 4
+    vol.reads.clear()
+    tile = grid.tiles[500]
+    embedding = store.tile_embedding(1, tile)
+    assert vol.reads == [(1, *tile.outer_slices)] and embedding.original_size == (1024, 1024)
+    assert store.ready.sum() == 1 and store.ready[store.item(1, tile)]
+
+
+def test_a_worker_attaches_without_hashing_and_checks_the_signature(tmp_path):
+    vol = RecordingVolume((2, 3000, 2000))
+    store = EmbeddingStore.open(tmp_path / "s.zarr", vol, OracleSam(256), tiling="on",
+                                tile_shape=1024, halo=128)
+    vol.reads.clear()
+    worker = EmbeddingStore.attach(tmp_path / "s.zarr", vol, OracleSam(256), store.signature)
+    assert vol.reads == [] and worker.status.state == "attached"
+    assert worker.grid == store.grid and worker.contrast_limits == store.contrast_limits
+    worker.put(5, worker.encode_item(5))
+    store.refresh()
+    assert list(np.flatnonzero(store.ready)) == [5] and store.get(5) is not None
+    other = OracleSam(256)
+    other.signature = "oracle:other"
+    with pytest.raises(ValueError, match="different model"):
+        EmbeddingStore.attach(tmp_path / "s.zarr", vol, other, store.signature)
+    with pytest.raises(ValueError, match="expected a stack of shape"):
+        EmbeddingStore.attach(tmp_path / "s.zarr", RecordingVolume((3, 3000, 2000)), OracleSam(256),
+                              store.signature)
+    changed = {**store.signature, "normalisation": {**store.signature["normalisation"],
+                                                    "contrast_limits": [0.0, 1.0]}}
+    with pytest.raises(StoreMismatchError, match="changed since the work was handed out"):
+        EmbeddingStore.attach(tmp_path / "s.zarr", vol, OracleSam(256), changed)

@@ -317,6 +317,12 @@ class EmbeddingStore(_StoreFiles, _EmbeddingSource):
         features = torch.from_numpy(data.astype(np.float32))[None]
         return ImageEmbedding(features, self.item_size, self.input_size, self.signature["model"])
 
+    def refresh(self) -> None:
+        """Re-read the flags (and the features array) from disk: items stored meanwhile by
+        other processes (a cluster run) become ready."""
+        with self._lock:
+            self._load(mode="r" if self.read_only else "a")
+
     def _note_stored(self, item: int, crc: int) -> None:
         """Record in memory that another process stored ``item`` with ``crc`` (reads verify
         it as always)."""
