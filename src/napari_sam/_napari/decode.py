@@ -104,20 +104,24 @@ class Prediction:
         return crops.reshape(len(crops), -1).sum(axis=1)
 
     def ids(self, rank: int = 0, last_wins: bool = False) -> tuple[np.ndarray, tuple[int, int]] | None:
-        """The objects as (h, w) int32 ids 1..K (0 = none) over the region they cover,
-        and the region's (row, col) offset in the plane; None when every mask is empty.
-        Untiled: the region is the whole plane. Where objects overlap, the first wins
-        (``last_wins``: the last, a later prompt painting over)."""
+        """The objects as (h, w) int32 ids 1..K (0 = none) over their region, and the
+        region's (row, col) offset in the plane; None when every mask is empty. The region:
+        the whole plane (untiled); the frames (tiles) of the non-empty objects, or only
+        their masks' bounding box when those frames lie far apart (tiled). Where objects
+        overlap, the first wins (``last_wins``: the last, a later prompt painting over)."""
         crops = self.crops(rank)
         offsets = np.zeros((len(crops), 2), int) if not self.tiled else np.asarray(self.offsets_rc, int)
         boxes = [_bbox(m, o) for m, o in zip(crops, offsets)]
         if all(b is None for b in boxes):
             return None
         if self.tiled:
-            r0 = min(b[0] for b in boxes if b)
-            r1 = max(b[1] for b in boxes if b)
-            c0 = min(b[2] for b in boxes if b)
-            c1 = max(b[3] for b in boxes if b)
+            fh, fw = crops.shape[1:]
+            frames = [(r, r + fh, c, c + fw) for (r, c), b in zip(offsets, boxes) if b is not None]
+            r0, r1 = min(f[0] for f in frames), max(f[1] for f in frames)
+            c0, c1 = min(f[2] for f in frames), max(f[3] for f in frames)
+            if (r1 - r0) * (c1 - c0) > 4 * fh * fw:  # frames far apart: the masks' region only
+                r0, r1 = min(b[0] for b in boxes if b), max(b[1] for b in boxes if b)
+                c0, c1 = min(b[2] for b in boxes if b), max(b[3] for b in boxes if b)
         else:
             (r0, c0), (r1, c1) = (0, 0), self.plane.shape_hw
         ids = np.zeros((r1 - r0, c1 - c0), dtype=np.int32)

@@ -150,19 +150,28 @@ def ensure_preview_layer(viewer, image, plane: SlicePlane, region=None) -> Label
             colormap=preview_colormap(),
             metadata={ROLE_KEY: PREVIEW_ROLE},
         )
-    elif layer.data.shape != shape:
-        layer.data = np.zeros(shape, dtype=np.uint8)
-    copy_spatial(image, layer)
     # shift by the slice index and the region: world(p') = image_world(p' + offset)
     offset = np.array([0 if a in plane.axes_rc else i for a, i in enumerate(plane.index)], float)
     offset[plane.axes_rc[0]], offset[plane.axes_rc[1]] = r0, c0
     linear = Affine(scale=image.scale, rotate=image.rotate, shear=image.shear).linear_matrix
-    layer.translate = np.asarray(image.translate, float) + linear @ offset
+    translate = np.asarray(image.translate, float) + linear @ offset
+    if new or not _same_spatial(image, layer, translate):  # each change redraws: only if needed
+        copy_spatial(image, layer)
+        layer.translate = translate
+    if not new and layer.data.shape != shape:
+        layer.data = np.zeros(shape, dtype=np.uint8)
     layer.metadata["napari_sam_plane"] = plane
     layer.metadata["napari_sam_region"] = (r0, c0, h, w)
     if new:  # add it placed: the viewer's extent and slider never jump
         viewer.layers.append(layer)
     return layer
+
+
+def _same_spatial(image, layer, translate) -> bool:
+    """``layer`` already has ``image``'s scale, rotate, shear and affine, and ``translate``."""
+    pairs = [(image.scale, layer.scale), (image.rotate, layer.rotate), (image.shear, layer.shear),
+             (image.affine.affine_matrix, layer.affine.affine_matrix), (translate, layer.translate)]
+    return all(np.shape(a) == np.shape(b) and np.allclose(a, b) for a, b in pairs)
 
 
 def preview_plane_view(layer: Labels, plane: SlicePlane) -> np.ndarray:
