@@ -26,7 +26,6 @@ import time
 
 import numpy as np
 import torch
-
 from common import cpu_name, percentile, write_section
 
 
@@ -35,7 +34,8 @@ def build_model(name: str):
         from oracle import OracleSam
 
         return OracleSam(1024)
-    from napari_sam.model import build_model as build, get_config
+    from napari_sam.model import build_model as build
+    from napari_sam.model import get_config
 
     torch.manual_seed(0)
     model = build(get_config(name)).eval()
@@ -55,7 +55,7 @@ def run(model_name: str, tiling: str, clicks: int) -> dict:
     image, _truth, centres = _disk_image(hw, grid, np.random.default_rng(3), n_random=60)
     viewer = napari.Viewer(show=True)
     try:
-        layer = viewer.add_image(image, name="mosaic")
+        viewer.add_image(image, name="mosaic")
         _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
         widget.segmenter.auto_encode = False
         widget.set_tiling(tiling)
