@@ -202,6 +202,18 @@ def test_an_interrupted_run_leaves_the_earlier_outputs_and_no_temporary(tmp_path
     assert after == before  # earlier labels intact, nothing half-written, no temporaries
 
 
+def test_embed_reads_ome_zarr_and_everything_uses_its_store(tmp_path, ais_oracle):
+    stack, truth = objects_stack()
+    path = tmp_path / "img.zarr"
+    write_ome_zarr(path, stack[None], "czyx", "0.5")
+    assert main(["embed", str(path), "--store", str(tmp_path / "s.zarr"), "--model", "vit_t_lm", "--quiet"]) == 0
+    assert ais_oracle.encode_calls == 3
+    assert main(["everything", str(path), *AIS, "--store", str(tmp_path / "s.zarr"), "--quiet"]) == 0
+    assert ais_oracle.encode_calls == 3  # every slice from the store
+    labels = zarr.open_array(str(path / "labels" / "napari-sam" / "0"), mode="r")[0]
+    assert all(best_iou(labels[0], t) >= 0.9 for t in truth)
+
+
 # ---------------------------------------------------------------- installed command
 @pytest.fixture
 def vit_t(tmp_path_factory):
@@ -274,6 +286,26 @@ def test_tiling_flags_are_checked_before_the_model_and_reach_the_engine(tmp_path
     assert labels.shape == (600, 700) and labels.chunks == (256, 256)
     assert all(best_iou(labels[...], t) >= 0.9 for t in truth)
     assert len(np.unique(labels[...])) - 1 == len(truth)  # each object once across tiles
+
+
+def test_a_large_2d_image_is_read_and_written_tile_by_tile(tmp_path, ais_oracle, monkeypatch):
+    """A 2D OME-Zarr plane: its pixels are read one tile at a time (to encode it); its labels
+    are stitched into the OME label array tile region by tile region."""
+    image, truth = draw_objects((600, 700), grid=(4, 5), seed=7, radius=(12, 30))
+    write_ome_zarr(tmp_path / "plane.zarr", image, "yx", "0.5", n_levels=2)
+    from napari_sam._cli import ome_zarr
+
+    monkeypatch.setattr(ome_zarr, "AxisView", Recording)
+    Recording.reads = []
+    assert main(["everything", str(tmp_path / "plane.zarr"), *AIS, "--tiling", "on",
+                 "--tile-shape", "256", "--halo", "32", "--quiet"]) == 0
+    assert Recording.reads and max(Recording.reads) <= 256 * 256  # never more than a tile
+    labels = zarr.open_array(str(tmp_path / "plane.zarr" / "labels" / "napari-sam" / "0"), mode="r")
+    assert labels.chunks == (256, 256)
+    assert all(best_iou(labels[...], t) >= 0.9 for t in truth)
+    assert len(np.unique(labels[...])) - 1 == len(truth)
+    coarse = zarr.open_array(str(tmp_path / "plane.zarr" / "labels" / "napari-sam" / "1"), mode="r")
+    assert coarse.shape == (300, 350)
 
 
 # ---------------------------------------------------------------- lazy reading

@@ -20,6 +20,10 @@ slice into a temporary beside the target, renamed when complete: an interrupted 
 earlier output intact. Never over the input; an existing .zarr output or OME label is replaced
 only with --overwrite. Images must be at least 8 x 8 pixels.
 
+Many machines: --workers N (a local Dask cluster of N processes) or --scheduler ADDRESS (an
+existing one) segments slices as tasks, each worker loading the model once; slices are
+linked here as they land. Same labels as in one process.
+
 Exit codes: 0 done, 1 failed while computing or writing (e.g. weights download), 2 bad
 input or arguments (checked before any model is loaded, the output folder included),
 130 interrupted.
@@ -37,11 +41,18 @@ import numpy as np
 
 from . import add_model_arguments, cli_wording
 from .cluster import add_cluster_arguments, check_cluster_arguments, cluster_job
-from .files import AxisView, check_image_size, open_input
-from .label_outputs import FileLabels, LabelCounter, ZarrLabels
-
-DEFAULT_OME_LABELS = "napari-sam"
-MAX_CHUNK_SIDE = 2048  # untiled planes: chunks of at most this many pixels a side
+from .everything_io import (
+    DEFAULT_OME_LABELS,
+    MAX_CHUNK_SIDE,
+    as_stack,
+    file_output,
+    ome_output,
+    open_stack,
+    plane_of,
+    read_input,
+)
+from .files import AxisView
+from .label_outputs import LabelCounter
 
 # flag: (type, default, help) — the generator's own parameters and defaults (--mode amg)
 GENERATOR_FLAGS = {
@@ -135,66 +146,6 @@ def add_parser(subparsers) -> None:
     add_cluster_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
-
-
-def read_input(path: Path, level: int | None = None, channel: int | None = None):
-    """(pixels, OME-Zarr image or None) of the input, read lazily except .png/.jpg."""
-    if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
-        if not path.exists():
-            raise ValueError(f"expected an existing input file, got {path} (not found)")
-        if level is not None or channel is not None:
-            raise ValueError(f"expected --level/--channel only with an OME-Zarr input, got {path.name}")
-        from PIL import Image
-
-        with Image.open(path) as img:
-            return np.asarray(img), None
-    return open_input(path, level=level, channel=channel)
-
-
-def as_stack(data, rgb: str):
-    """(N, H, W[, C]) view of the input (lazy) and whether it was a single 2D image."""
-    shape = tuple(data.shape)
-    colour = len(shape) >= 3 and shape[-1] in (3, 4) and rgb != "no"
-    if rgb == "yes" and not colour:
-        raise ValueError(f"expected a last axis of size 3 or 4 with --rgb yes, got shape {shape}")
-    spatial = len(shape) - colour
-    expected = "(H, W), (H, W, 3|4), (N, H, W) or (N, H, W, 3|4)"
-    if spatial not in (2, 3):
-        raise ValueError(f"expected {expected}, got shape {shape}")
-    check_image_size(shape, shape[spatial - 2:spatial], last_is_width=not colour, expected=expected)
-    if isinstance(data, np.ndarray):
-        return (data, False) if spatial == 3 else (data[None], True)
-    return AxisView(data, new_axis=spatial == 2), spatial == 2  # zarr arrays have no len()
-
-
-def open_stack(path: str, level: int | None, channel: int | None, rgb: str):
-    """The input as ``run`` sees it ((N, H, W[, C]), lazy): what cluster workers re-open."""
-    return as_stack(read_input(Path(path), level, channel)[0], rgb)[0]
-
-
-def file_output(args, input_path: Path):
-    """The -o output (FileLabels or ZarrLabels), or None when the labels go inside an
-    OME-Zarr input (see :func:`ome_output`)."""
-    if args.output is None:
-        return None
-    if args.ome_labels is not None:
-        raise ValueError("expected either -o/--output or --ome-labels, got both")
-    output = Path(args.output)
-    if output.suffix.lower() == ".zarr":
-        return ZarrLabels(output, input_path, args.overwrite, extra={"input": str(input_path)})
-    return FileLabels(output, input_path)
-
-
-def ome_output(args, image, input_path: Path):
-    """INPUT/labels/NAME of an OME-Zarr input (``image``); ValueError for other inputs."""
-    from .ome_zarr import OmeLabels
-
-    if image is None:
-        given = "--ome-labels" if args.ome_labels is not None else "no -o/--output"
-        raise ValueError(f"expected -o/--output LABELS (.tif/.tiff, .npy or .zarr), got {given} "
-                         f"with {input_path.name}, which is not an OME-Zarr image")
-    return OmeLabels(image, args.ome_labels or DEFAULT_OME_LABELS, args.overwrite,
-                     extra={"mode": args.mode, "model": args.model})
 
 
 def tiling_options(args, plane_hw: tuple[int, int], image_size: int | None = None):
@@ -345,12 +296,17 @@ def run(args) -> int:
                 job = context.enter_context(cluster_job(
                     args, source, segmenter, options, limits, {**tiling, "grid": grid}, store,
                     labels, output.target))
+            elif single and grid is not None:  # one large image: read and written tile by tile
+                job = segmenter.job(plane_of(data), contrast_limits=limits, grid=grid, out=out,
+                                    embedding_for=embedding_for(0) if embedding_for else None)
             else:
                 job = segmenter.stack_job(stack, contrast_limits=limits, link_iou=args.link_iou,
                                           embedding_for=embedding_for, out=labels, **tiling, grid=grid)
-            code = _run(job, tqdm, f"everything ({segmenter.mode}){where}", args.quiet, fail)
+            code, value = _run(job, tqdm, f"everything ({segmenter.mode}){where}", args.quiet, fail)
+        count = getattr(value, "count", None)  # stitched tiles: K objects, ids 1..K
+        n_objects, max_label = (labels.n_objects, labels.max_label) if count is None else (count, count)
         if code == 0:
-            output.commit(labels.max_label)
+            output.commit(max_label)
     except OSError as exc:
         output.abort()
         return fail(1, f"cannot write {output.target}: {exc.strerror or exc}; an earlier output "
@@ -362,25 +318,27 @@ def run(args) -> int:
         output.abort()
         return code
     dtype = getattr(output, "dtype", np.dtype(np.uint32))
-    print(f"{labels.n_objects} objects in {output.target} ({shape}, {np.dtype(dtype).name})",
+    print(f"{n_objects} objects in {output.target} ({shape}, {np.dtype(dtype).name})",
           file=sys.stderr)
     return 0
 
 
-def _run(job, tqdm, desc: str, quiet: bool, fail) -> int:
-    """Run the segmentation ``job`` with a progress bar; 0, or fail()'s exit code."""
+def _run(job, tqdm, desc: str, quiet: bool, fail) -> tuple[int, object]:
+    """Run the segmentation ``job`` with a progress bar: (0, its value), or (fail()'s exit
+    code, None)."""
     bar = tqdm(total=0, unit="step", desc=desc, disable=quiet, file=sys.stderr)
     try:
         with bar:
             while True:
                 try:
                     step = next(job)
-                except StopIteration:
-                    return 0
+                except StopIteration as stop:
+                    return 0, stop.value
                 bar.total = step.total
                 bar.set_postfix_str(step.message, refresh=False)
                 bar.update(step.done - bar.n)
     except ValueError as exc:
-        return fail(2, str(exc))
+        return fail(2, str(exc)), None
     except RuntimeError as exc:  # e.g. a store that cannot be read or written (StoreError)
-        return fail(1, str(exc))
+        return fail(1, str(exc)), None
+

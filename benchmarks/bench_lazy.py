@@ -1,0 +1,127 @@
+"""Lazy volumes from the command line: peak memory of ``napari-sam embed`` and
+``napari-sam everything --store`` on a (200, 2048, 2048) uint16 zarr volume.
+
+    python benchmarks/bench_lazy.py [--slices 200] [--side 2048] [--baseline 2]
+        [--workdir DIR] [--write]      # --write: the bench_lazy section of BENCHMARKS.md
+
+The installed command runs as a user runs it, with random vit_t weights (the real
+architecture; the same cost per slice as MobileSAM), fp32 on the CPU, and everything in
+AMG mode with reduced settings (4 x 4 points, no quality thresholds: random weights give
+masks that would otherwise be filtered away) so that 200 slices finish in minutes. The
+peak RSS of each command is the kernel's ``ru_maxrss`` of that process (``os.wait4``).
+
+The bound: a command on N slices peaks less than 64 MiB above the same command on
+``--baseline`` slices, i.e. model + a few slices, whatever N. Loading the volume whole
+would add N x 8 MiB (uint16 pixels) and its labels N x 16 MiB (uint32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from common import cpu_name, write_section
+
+NAPARI_SAM = Path(sys.executable).with_name("napari-sam")
+BOUND_MIB = 64
+AMG = ["--mode", "amg", "--points-per-side", "4", "--pred-iou-thresh", "0",
+       "--stability-score-thresh", "0", "--quiet"]
+
+
+def write_volume(path: Path, n: int, side: int) -> None:
+    """(n, side, side) uint16 zarr (format 2), chunks (1, 512, 512), written slice by slice."""
+    import zarr
+
+    array = zarr.create_array(str(path), shape=(n, side, side), chunks=(1, 512, 512),
+                              dtype="uint16", zarr_format=2)
+    yy, xx = np.mgrid[0:side, 0:side]
+    for z in range(n):
+        blobs = np.sin(yy / 40.0 + z / 7) * np.cos(xx / 55.0 - z / 11) > 0.3
+        array[z] = (blobs * 3000 + yy % 97).astype(np.uint16)
+
+
+def random_vit_t(path: Path) -> Path:
+    import torch
+
+    from napari_sam.model import build_model, get_config
+
+    torch.manual_seed(0)
+    torch.save(build_model(get_config("vit_t")).state_dict(), path)
+    return path
+
+
+def measured(*args) -> tuple[float, float]:
+    """(wall s, peak RSS MiB) of ``napari-sam *args`` (fails loudly on a non-zero exit)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([str(NAPARI_SAM), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"napari-sam {' '.join(map(str, args))} failed:\n{err[-3000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def run(n: int, side: int, work: Path, checkpoint: Path) -> dict:
+    volume, store, labels = work / f"v{n}.zarr", work / f"s{n}.zarr", work / f"l{n}.zarr"
+    write_volume(volume, n, side)
+    model = ["--model", "vit_t", "--checkpoint", checkpoint, "--device", "cpu", "--precision", "fp32"]
+    embed = measured("embed", volume, "--store", store, *model, "--quiet")
+    everything = measured("everything", volume, "-o", labels, "--store", store, *model, *AMG)
+    return {"n": n, "embed": embed, "everything": everything}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=200)
+    parser.add_argument("--side", type=int, default=2048)
+    parser.add_argument("--baseline", type=int, default=2)
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        work = Path(tmp)
+        checkpoint = random_vit_t(work / "vit_t.pt")
+        load = os.getloadavg()[0]
+        results = [run(n, args.side, work, checkpoint) for n in (args.baseline, args.slices)]
+        load = max(load, os.getloadavg()[0])
+    base, big = results
+    lines = [f"| {r['n']} x {args.side}² | {r['embed'][0]:.0f} s | {r['embed'][1]:.0f} MiB | "
+             f"{r['everything'][0]:.0f} s | {r['everything'][1]:.0f} MiB |" for r in results]
+    growth = (big["embed"][1] - base["embed"][1], big["everything"][1] - base["everything"][1])
+    ok = max(growth) < BOUND_MIB
+    whole = args.slices * args.side**2 * (2 + 4) / 2**20
+    body = f"""## Lazy volumes from the command line (bench_lazy)
+
+`python benchmarks/bench_lazy.py --slices {args.slices} --side {args.side} --write` on {cpu_name()}
+({os.cpu_count()} cores, shared: load average up to {load:.1f} during the run). A uint16 zarr
+volume (chunks 1 x 512 x 512) is embedded (`napari-sam embed VOLUME --store S.zarr`) and
+segmented (`napari-sam everything VOLUME -o L.zarr --store S.zarr`) by the installed command,
+random vit_t weights, fp32 CPU, untiled (2048² slices squeezed into one 1024 input, the store's
+default). Reduced so that it finishes in minutes: AMG with 4 x 4 points and no quality
+thresholds (AIS's decoder costs tens of seconds per 1024 input on this CPU). Peak RSS is the
+kernel's ru_maxrss of each command.
+
+| volume | embed | embed peak RSS | everything | everything peak RSS |
+|---|---|---|---|---|
+{chr(10).join(lines)}
+
+Bound: peak RSS on {args.slices} slices within {BOUND_MIB} MiB of the same command on
+{args.baseline} slices (model + a few slices, independent of the stack length):
+{'met' if ok else 'NOT met'} (+{growth[0]:.0f} MiB embed, +{growth[1]:.0f} MiB everything). Holding the
+volume and its uint32 labels in RAM would take {whole:,.0f} MiB more.
+"""
+    print(body)
+    if args.write:
+        write_section("bench_lazy", body)
+
+
+if __name__ == "__main__":
+    main()
