@@ -57,11 +57,12 @@ def tiled_scene(grid: TileGrid, seed: int = 0, radius=(12, 22), n_random: int = 
             put(slice(r - rad, r + rad + 1), slice(c - rad, c + rad + 1), d[:, None] ** 2 + d**2 <= rad**2)
 
     halo = grid.halo[0]
+    half = max(halo // 4, 16)  # bands >= 32 pixels wide
     disk(rows[0], cols[0], int(1.6 * halo))  # over an interior corner: 4 tiles
-    put(slice(rows[-1] - halo // 4, rows[-1] + halo // 4), slice(hw[1] // 10, hw[1] * 9 // 10))  # along a border, across all
-    put(slice(rows[-1] - 5 * halo, rows[-1] - 2 * halo), slice(cols[0] - halo // 3, cols[0] + halo // 3))
+    put(slice(rows[-1] - half, rows[-1] + half), slice(hw[1] // 10, hw[1] * 9 // 10))  # along a border, across all
+    put(slice(rows[-1] - 5 * halo, rows[-1] - 2 * halo), slice(cols[0] - half, cols[0] + half))
     c_mid = (cols[0] + (cols[1] if len(cols) > 1 else hw[1])) // 2
-    put(slice(rows[0] + 3 * halo, rows[0] + 9 * halo), slice(c_mid - halo // 4, c_mid + halo // 4))  # a row border
+    put(slice(rows[0] + 3 * halo, rows[0] + 9 * halo), slice(c_mid - half, c_mid + half))  # a row border
     centres = [(b, int(rng.integers(40, hw[1] - 40))) for b in _borders(grid, 0) for _ in range(per_border)]
     centres += [(int(rng.integers(40, hw[0] - 40)), b) for b in _borders(grid, 1) for _ in range(per_border)]
     centres += [(int(rng.integers(40, hw[0] - 40)), int(rng.integers(40, hw[1] - 40))) for _ in range(n_random)]
@@ -344,3 +345,18 @@ def test_cancel_between_and_within_tiles_returns_none(mode):
     assert run_to_end(job, on_step) is None
     assert steps[-1] == "tile 2/9: encoding" and model.encode_calls == 2
     assert model.instance_decoder.calls == (0 if mode == "amg" else 1)
+
+
+def test_tiled_job_writes_into_a_zarr_out(tmp_path):
+    """``out=`` a zarr array: written tile region by tile region, equal to the numpy run;
+    a wrong shape is refused before any work."""
+    image, truth = draw_objects((600, 500), grid=(4, 3), seed=5, radius=(20, 40))
+    segmenter = SamInstanceSegmenter(oracle_with_decoder(256), "ais")
+    expected = segmenter.segment(image, tiling="on")
+    store = zarr.create_array(str(tmp_path / "labels.zarr"), shape=image.shape, chunks=(100, 100),
+                              dtype="uint32", fill_value=0)
+    result = segmenter.segment(image, tiling="on", out=store)
+    assert result.labels is store and result.n_objects == expected.n_objects == len(truth)
+    np.testing.assert_array_equal(store[:], expected.labels)
+    with pytest.raises(ValueError, match="shape"):
+        segmenter.segment(image, tiling="on", out=np.zeros((600, 501), np.uint32))
