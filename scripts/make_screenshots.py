@@ -2,7 +2,7 @@
 
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/make_screenshots.py
 
-writes docs/images/{interactive,boxes,propagation,everything}.png. No weights needed: the
+writes docs/images/{interactive,boxes,propagation,everything,everything_ais,tiled}.png. No weights needed: the
 model is the oracle of the tests (tests/oracle.py) — the real engine, predictor, caches,
 widgets and label writer, with a "model" whose decoder returns the object under each
 prompt. Here its encoder finds the objects by classical segmentation of what it is shown
@@ -286,8 +286,69 @@ def everything_ais(out: Path) -> None:
     viewer.close()
 
 
+def cell_mosaic(shape=(5000, 3000), seed: int = 7) -> np.ndarray:
+    """(H, W) uint16: a large field of small, textured, unevenly bright cells (a
+    whole-slide-like mosaic, far larger than one model input)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    field = np.zeros((h, w), np.float32)
+    yy, xx = np.mgrid[-40:41, -40:41]
+    for _ in range(6000):
+        r, c = rng.integers(45, h - 45), rng.integers(45, w - 45)
+        a, b, t = rng.uniform(12, 30), rng.uniform(10, 22), rng.uniform(0, np.pi)
+        u, v = xx * np.cos(t) + yy * np.sin(t), -xx * np.sin(t) + yy * np.cos(t)
+        cell = (u / a) ** 2 + (v / b) ** 2 <= 1
+        window = field[r - 40 : r + 41, c - 40 : c + 41]
+        if (window[(u / (a + 6)) ** 2 + (v / (b + 6)) ** 2 <= 1] > 0).any():  # keep cells apart
+            continue
+        window[cell] = rng.uniform(0.5, 1.0)
+    texture = ndimage.gaussian_filter(rng.normal(0, 1, (h // 4, w // 4)).astype(np.float32), 1)
+    field *= 1 + 0.4 * ndimage.zoom(texture, 4, order=1)[:h, :w]
+    field = ndimage.gaussian_filter(field, 1.5)
+    shade = np.linspace(0.7, 1.0, w, dtype=np.float32)[None, :]  # uneven illumination
+    field = field * shade + 0.05 + rng.normal(0, 0.015, (h, w)).astype(np.float32)
+    return (field.clip(0, None) * 3000).astype(np.uint16)
+
+
+def tiled(out: Path) -> None:
+    """A 5000 x 3000 mosaic, tiled: clicks in two tiles (one object on a tile border)
+    committed, a third previewed; the "Large images" panel says how many of the tiles are
+    encoded — only those under the clicks (and in view)."""
+    from napari_sam.engine.tiling import TileGrid
+
+    model = segmenting_oracle(1024)
+    viewer = new_viewer()
+    image = cell_mosaic()
+    layer = viewer.add_image(image, name="mosaic (5000 x 3000)", colormap="gray")
+    widget = dock(viewer, "Segment Anything")
+    widget.segmenter.auto_encode = False  # only the clicked tiles: the panel shows it
+    widget.set_model(model)
+    widget.set_image_layer(layer)
+    grid = TileGrid(image.shape, 1024, 128)
+    border = grid.tiles[5].inner_rc[1]  # the interior border under tile 1 of column 1
+    from scipy import ndimage
+
+    objects, _ = ndimage.label(ndimage.gaussian_filter(image.astype(float), 2) > 1200)
+    centres = ndimage.center_of_mass(objects > 0, objects, range(1, objects.max() + 1))
+    near = sorted(centres, key=lambda rc: abs(rc[0] - border) + abs(rc[1] - 1500) / 4)
+    picks = [near[0], near[3], near[6]]
+    for n, (r, c) in enumerate(picks):
+        widget.add_point((r, c))
+        widget.segmenter.tile_encoder.runner.wait(60)
+        settle()
+        if n < 2:
+            widget.commit()
+    viewer.layers.selection.active = viewer.layers["SAM points"]
+    viewer.camera.center = tuple(np.mean(picks, axis=0))
+    viewer.camera.zoom = 1.0
+    save(viewer, out / "tiled.png")
+    viewer.close()
+
+
 WORKFLOWS = {"interactive": interactive, "boxes": boxes, "propagation": propagation,
-             "everything": everything, "everything_ais": everything_ais}
+             "everything": everything, "everything_ais": everything_ais, "tiled": tiled}
 
 
 def main(argv: list[str] | None = None) -> int:
