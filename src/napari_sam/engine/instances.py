@@ -16,6 +16,11 @@ Example::
 
 All work happens on an :class:`~napari_sam.engine.predictor.ImageEmbedding`: pass a cached
 or stored one (``embedding=``) and no encoder runs.
+
+Images larger than the model's input can be segmented tile by tile at full resolution
+(``tiling="auto"|"on"``, or ``grid=``, or a ``TiledEmbedding``): each mode runs per tile
+and the objects are stitched across tile borders (:mod:`.tiled_instances`,
+:mod:`.stitching`), into a numpy array or any array-like ``out=`` (zarr).
 """
 
 from __future__ import annotations
@@ -146,6 +151,8 @@ class SamInstanceSegmenter:
                              f"vit_b_lm), got {self.model.model_type} without one: use mode 'amg'")
         self.ais.validate()
         self.apg.validate()
+        if not 0 < self.stitch_overlap <= 1:
+            raise ValueError(f"expected 0 < stitch_overlap <= 1, got {self.stitch_overlap}")
         self._amg = SamAutomaticMaskGenerator(self.model, **self.amg) if self.mode == "amg" else None
 
     # ------------------------------------------------------------------ public API
