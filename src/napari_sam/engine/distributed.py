@@ -198,19 +198,25 @@ class StoreWork:
     """What a worker needs to write items into a store.
 
     ``path``: the store; ``signature_json``: its signature as the client opened it
-    (workers do not hash the data again); ``open_stack``: a picklable callable returning the input
-    array, read lazily (e.g. ``functools.partial(read_stack, path)``: workers get the
-    input's path, never the array); ``model``: :class:`ModelSpec`.
+    (workers do not hash the data again); ``open_stack``: a picklable callable returning the
+    input array, read lazily (e.g. ``functools.partial(read_stack, path)``: workers get the
+    input's path, never the array); ``model``: :class:`ModelSpec`; ``run``: an id of this
+    piece of work (a worker attaches once per run: long-lived workers of a ``--scheduler``
+    cluster never write through a store handle of an earlier run).
     """
 
     path: str
     signature_json: str
     open_stack: Callable[[], Any]
     model: ModelSpec
+    run: str = ""
 
     @classmethod
     def of(cls, store, open_stack: Callable[[], Any], model: ModelSpec) -> StoreWork:
-        return cls(str(store.path), json.dumps(store.signature, sort_keys=True), open_stack, model)
+        import uuid
+
+        return cls(str(store.path), json.dumps(store.signature, sort_keys=True), open_stack, model,
+                   uuid.uuid4().hex)
 
 
 def attached_store(work: StoreWork):
@@ -219,7 +225,7 @@ def attached_store(work: StoreWork):
     kept (the last few)."""
     from .store import EmbeddingStore
 
-    key = (work.path, work.signature_json, work.model)
+    key = (work.path, work.signature_json, work.model, work.run)
     with _LOCK:
         store = _STORES.get(key)
     if store is None:

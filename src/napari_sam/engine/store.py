@@ -72,7 +72,7 @@ from .stack import (  # noqa: F401 - re-exported
     data_hash,
     volume_contrast_limits,
 )
-from .store_files import (
+from .store_files import (  # noqa: F401 - re-exported
     PrecomputeProgress,
     PrecomputeResult,
     StoreError,
@@ -95,7 +95,7 @@ from .store_format import (  # noqa: F401 - re-exported
     stored_tiling,
 )
 from .tiled_predictor import TiledEmbedding
-from .tiling import Tile, TileGrid
+from .tiling import Tile
 
 log = logging.getLogger(__name__)
 
@@ -163,52 +163,6 @@ class EmbeddingStore(_StoreFiles, _EmbeddingSource):
         self.status = self._open_or_create(on_mismatch)
         if self.status.state != "created":
             (log.info if self.status.state == "reused" else log.warning)(self.status.message)
-        return self
-
-    @classmethod
-    def attach(cls, path, volume, predictor, signature: dict) -> EmbeddingStore:
-        """Open an existing store to write items into it from another process (a cluster
-        worker), without hashing the data again: ``signature`` is the one of the store
-        opened with :meth:`open` by the process that hands out the work (its normalisation
-        and tiling are used as they are).
-
-        Checks that the store at ``path`` has exactly ``signature`` (else
-        :class:`StoreMismatchError`), that ``volume`` has its shape, dtype and axis and
-        ``predictor``'s model is its model (else ValueError). The flags are not read:
-        ``ready`` is all False and every :meth:`put` clears the item's flag on disk before
-        writing its data (the write protocol holds whatever the flag was).
-        """
-        path, signature = Path(path), dict(signature)
-        try:
-            data = signature["data"]
-            view = StackView(volume, int(data["axis"]))
-            tiling = signature.get("tiling")
-            limits = signature["normalisation"]["contrast_limits"]
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"expected a store signature, got one without {exc}") from None
-        if [list(view.shape), view.dtype.str] != [list(data["shape"]), data["dtype"]]:
-            raise ValueError(f"expected a stack of shape {data['shape']} and dtype {data['dtype']} "
-                             f"for the store {path}, got {list(view.shape)} {view.dtype.str}")
-        grid = None if tiling is None else TileGrid(view.slice_shape, tiling["tile_shape"],
-                                                    tiling["halo"])
-        limits = None if limits is None else tuple(float(v) for v in limits)
-        self = cls(view, _as_predictor(predictor), limits, grid)
-        self._setup(path, signature.get("storage_dtype", "float16"))
-        made = self._make_signature(hashed=data["hash"])
-        changed = _differences(signature, made)
-        if changed:
-            raise ValueError(f"expected the model and stack the store signature names, got a "
-                             f"different {_describe(changed, signature, made)}")
-        self.signature = signature
-        if not (path / MARKER).is_file():
-            raise StoreReadError(f"expected an embedding store at {path}, found none")
-        changed = _differences(self._read_signature(), signature)
-        if changed:
-            details = _describe(changed, self._read_signature(), signature)
-            raise StoreMismatchError(f"store {path} changed since the work was handed out: it "
-                                     f"is now made for a different {details}", path, changed, details)
-        self._load(mode="r+", read_flags=False)
-        self.status = StoreStatus("attached", f"attached to store {path}")
         return self
 
     def _make_signature(self, hashed: str | None = None) -> dict:

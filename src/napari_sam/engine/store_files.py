@@ -10,9 +10,11 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .stack import StackView, _as_predictor
 from .store_format import (
     ATTRS_KEY,
     MARKER,
@@ -25,6 +27,10 @@ from .store_format import (
     _remove_array,
     _stored_slice_count,
 )
+from .tiling import TileGrid
+
+if TYPE_CHECKING:
+    from .store import EmbeddingStore
 
 _UNKNOWN = -2  # flag of an attached store: not read (a put clears it on disk first)
 
@@ -74,7 +80,54 @@ class StoreStatus:
 
 
 class _StoreFiles:
-    """Opening, creating and clearing the zarr files of a store; the flags."""
+    """Opening (:meth:`attach` for writer processes), creating and clearing the zarr files
+    of a store; the flags."""
+
+    @classmethod
+    def attach(cls, path, volume, predictor, signature: dict) -> EmbeddingStore:
+        """Open an existing store to write items into it from another process (a cluster
+        worker), without hashing the data again: ``signature`` is the one of the store
+        opened with :meth:`open` by the process that hands out the work (its normalisation
+        and tiling are used as they are).
+
+        Checks that the store at ``path`` has exactly ``signature`` (else
+        :class:`StoreMismatchError`), that ``volume`` has its shape, dtype and axis and
+        ``predictor``'s model is its model (else ValueError). The flags are not read:
+        ``ready`` is all False and every :meth:`put` clears the item's flag on disk before
+        writing its data (the write protocol holds whatever the flag was).
+        """
+        path, signature = Path(path), dict(signature)
+        try:
+            data = signature["data"]
+            view = StackView(volume, int(data["axis"]))
+            tiling = signature.get("tiling")
+            limits = signature["normalisation"]["contrast_limits"]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"expected a store signature, got one without {exc}") from None
+        if [list(view.shape), view.dtype.str] != [list(data["shape"]), data["dtype"]]:
+            raise ValueError(f"expected a stack of shape {data['shape']} and dtype {data['dtype']} "
+                             f"for the store {path}, got {list(view.shape)} {view.dtype.str}")
+        grid = None if tiling is None else TileGrid(view.slice_shape, tiling["tile_shape"],
+                                                    tiling["halo"])
+        limits = None if limits is None else tuple(float(v) for v in limits)
+        self = cls(view, _as_predictor(predictor), limits, grid)
+        self._setup(path, signature.get("storage_dtype", "float16"))
+        made = self._make_signature(hashed=data["hash"])
+        changed = _differences(signature, made)
+        if changed:
+            raise ValueError(f"expected the model and stack the store signature names, got a "
+                             f"different {_describe(changed, signature, made)}")
+        self.signature = signature
+        if not (path / MARKER).is_file():
+            raise StoreReadError(f"expected an embedding store at {path}, found none")
+        changed = _differences(self._read_signature(), signature)
+        if changed:
+            details = _describe(changed, self._read_signature(), signature)
+            raise StoreMismatchError(f"store {path} changed since the work was handed out: it "
+                                     f"is now made for a different {details}", path, changed, details)
+        self._load(mode="r+", read_flags=False)
+        self.status = StoreStatus("attached", f"attached to store {path}")
+        return self
 
     def _setup(self, path: Path, dtype: str) -> None:
         self.path, self.dtype, self._lock = path, np.dtype(dtype), threading.RLock()
