@@ -466,3 +466,17 @@ def test_a_worker_killed_mid_run_loses_only_its_slice(tmp_path):
     assert here.returncode == 0, here.stderr
     assert np.array_equal(zarr.open_array(str(tmp_path / "l.zarr"), mode="r")[...],
                           zarr.open_array(str(tmp_path / "here.zarr"), mode="r")[...])
+
+
+def test_on_a_cluster_a_single_large_image_is_split_into_tile_tasks(tmp_path):
+    """One 2D image, tiled: its 12 tiles are the tasks, stitched on the client: the same
+    labels as the in-process tiled run (every object once)."""
+    image, truth = draw_objects((600, 700), grid=(4, 5), seed=7, radius=(12, 30))
+    np.save(tmp_path / "big.npy", image)
+    common = [*AIS, "--tiling", "on", "--tile-shape", "256", "--halo", "32", "--quiet"]
+    for name, extra in (("here.zarr", []), ("there.zarr", ["--workers", "2"])):
+        run = napari_sam("everything", tmp_path / "big.npy", "-o", tmp_path / name, *common, *extra,
+                         env=oracle_env())
+        assert run.returncode == 0 and "20 objects in" in run.stderr, run.stderr
+    here, there = (zarr.open_array(str(tmp_path / n), mode="r")[...] for n in ("here.zarr", "there.zarr"))
+    assert np.array_equal(here, there) and all(best_iou(there, t) >= 0.9 for t in truth)

@@ -103,10 +103,38 @@ def stored_items(store, z: int) -> dict[int, int]:
     return {int(i): int(store._done[i]) for i in items if store._done[i] >= 0}
 
 
+def _in_order(client, function, tasks, consume: Callable[[int], None], what: str,
+              cancel: threading.Event | None) -> Generator[Any, None, bool]:
+    """Run ``function`` on every task on the cluster; ``consume(i)`` each task's result in
+    task order as soon as it and all before it have landed. Yields Progress; returns
+    whether every task was consumed (False: cancelled)."""
+    from ..engine.automatic import Progress
+    from ..engine.distributed import run_tasks
+
+    n, landed, consumed = len(tasks), set(), 0
+    yield Progress(0, n, f"{n} {what}s on the cluster")
+    jobs = run_tasks(client, function, tasks, cancel=cancel)
+    try:
+        while True:
+            try:
+                i, _ = next(jobs)
+            except StopIteration as stop:
+                finished = stop.value
+                break
+            landed.add(i)
+            while consumed in landed:
+                consume(consumed)
+                consumed += 1
+            yield Progress(len(landed), n, f"{what} {i + 1}/{n} done on the cluster")
+    finally:
+        jobs.close()
+    return bool(finished) and consumed == n
+
+
 def cluster_stack_job(client, work: SliceWork, out, *, link_iou: float = 0.25, store=None,
                       cancel: threading.Event | None = None) -> Generator[Any, None, Any]:
     """The stack segmented on ``client``'s cluster into ``out`` ((N, H, W) array-like): one
-    task per slice, linked here in slice order as they finish. Yields
+    task per slice, linked here in slice order as they land (two slices in memory). Yields
     :class:`~napari_sam.engine.automatic.Progress` (slices done across the cluster);
     returns ``out``, or None when ``cancel`` was set.
 
@@ -115,32 +143,72 @@ def cluster_stack_job(client, work: SliceWork, out, *, link_iou: float = 0.25, s
     """
     import zarr
 
-    from ..engine.automatic import Progress
-    from ..engine.distributed import run_tasks
     from ..engine.label_image import link_slice
 
-    n = int(out.shape[0])
     scratch = zarr.open_array(work.scratch, mode="r")
-    tasks = [(work, z, stored_items(store, z)) for z in range(n)]
-    landed, linked, prev, next_id = set(), 0, None, 1
-    yield Progress(0, n, f"{n} slices on the cluster")
-    jobs = run_tasks(client, segment_slice, tasks, cancel=cancel)
-    try:
-        while True:
-            try:
-                z, _ = next(jobs)
-            except StopIteration as stop:
-                finished = stop.value
-                break
-            landed.add(z)
-            while linked in landed:  # link every slice whose predecessors are linked
-                prev, next_id = link_slice(prev, np.asarray(scratch[linked]), next_id, link_iou)
-                out[linked] = prev.astype(np.uint32)
-                linked += 1
-            yield Progress(len(landed), n, f"slice {z + 1}/{n} done on the cluster, {linked} linked")
-    finally:
-        jobs.close()
-    return out if finished and linked == n else None
+    state = {"prev": None, "next_id": 1}
+
+    def link(z: int) -> None:
+        state["prev"], state["next_id"] = link_slice(state["prev"], np.asarray(scratch[z]),
+                                                     state["next_id"], link_iou)
+        out[z] = state["prev"].astype(np.uint32)
+
+    tasks = [(work, z, stored_items(store, z)) for z in range(int(out.shape[0]))]
+    done = yield from _in_order(client, segment_slice, tasks, link, "slice", cancel)
+    return out if done else None
+
+
+def segment_tile(task: tuple[SliceWork, int, dict[int, int]]) -> int:
+    """Worker task: tile ``k`` of a single image (its stored embedding, or encoded from its
+    pixels with the run's one normalisation) segmented as an image of its own, its labels
+    written into the scratch array's item k. Returns its number of objects."""
+    import zarr
+
+    from ..engine.automatic import run_to_end
+    from ..engine.tiled_predictor import encode_tile
+    from ..engine.tiling import read_tile
+
+    work, k, stored = task
+    segmenter, stack = _worker_state(work)
+    plane, tile = AxisView(stack, {0: 0}), work.tiling["grid"].tiles[k]
+    if work.store is not None:
+        from ..engine.distributed import attached_store
+
+        store = attached_store(work.store)
+        for item, crc in stored.items():
+            store._note_stored(item, crc)
+        embedding = store.tile_embedding(0, k)
+    else:
+        embedding = encode_tile(segmenter.predictor, plane, tile, work.contrast_limits)
+    pixels = read_tile(plane, tile) if segmenter.mode == "amg" else None
+    scratch = zarr.open_array(work.scratch, mode="r+")
+    if pixels is not None and pixels.dtype.kind == "f" and not np.isfinite(pixels).any():
+        return 0  # an all-NaN tile holds no objects (as in process)
+    result = run_to_end(segmenter.job(pixels, embedding=embedding, contrast_limits=work.contrast_limits))
+    scratch[k] = result.labels.astype(np.uint32)
+    return int(result.labels.max(initial=0))
+
+
+def cluster_tiles_job(client, work: SliceWork, segmenter, out, *, store=None,
+                      cancel: threading.Event | None = None) -> Generator[Any, None, Any]:
+    """A single large image segmented on ``client``'s cluster into ``out`` ((H, W)
+    array-like): one task per tile, stitched here in grid order as they land
+    (:class:`~napari_sam.engine.stitching.TileStitcher`, as in process). Returns an
+    :class:`~napari_sam.engine.instances.InstanceSegmentation` (``count`` = objects), or
+    None when cancelled."""
+    import zarr
+
+    from ..engine.instances import InstanceSegmentation
+    from ..engine.stitching import TileStitcher
+
+    grid = work.tiling["grid"]
+    scratch = zarr.open_array(work.scratch, mode="r")
+    min_size = segmenter.amg_min_size if segmenter.mode == "amg" else 0
+    stitcher = TileStitcher(out, grid, min_overlap=segmenter.stitch_overlap, min_size=min_size)
+    tasks = [(work, k, stored_items(store, 0)) for k in range(len(grid))]
+    done = yield from _in_order(client, segment_tile, tasks,
+                                lambda k: stitcher.add(grid.tiles[k], np.asarray(scratch[k])), "tile", cancel)
+    return InstanceSegmentation(out, segmenter.mode, None, stitcher.finish()) if done else None
 
 
 def add_cluster_arguments(parser) -> None:
@@ -162,9 +230,10 @@ def check_cluster_arguments(args) -> bool:
 
 @contextlib.contextmanager
 def cluster_job(args, open_stack, segmenter, options: dict, limits, tiling: dict, store,
-                labels, target) -> Iterator[Generator]:
-    """The cluster run of ``napari-sam everything`` as a job writing into ``labels``; the
-    cluster and the temporary slice array (beside ``target``) are closed / removed on exit."""
+                labels, target, plane=None) -> Iterator[Generator]:
+    """The cluster run of ``napari-sam everything`` as a job writing into ``labels`` ((N,
+    H, W)), or with ``plane`` (an (H, W) output) a single tiled image's tiles as tasks; the
+    cluster and the temporary array (beside ``target``) are closed / removed on exit."""
     from pathlib import Path
 
     from ..engine.distributed import ModelSpec, StoreWork, open_cluster
@@ -179,10 +248,14 @@ def cluster_job(args, open_stack, segmenter, options: dict, limits, tiling: dict
     try:
         grid = tiling.get("grid")
         chunks = grid.tile_hw if grid is not None else tuple(labels.shape[1:])
-        _create(scratch, tuple(labels.shape), chunks, {})
+        shape = (len(grid), *grid.tile_hw) if plane is not None else tuple(labels.shape)
+        _create(scratch, shape, chunks, {})
         work = SliceWork(open_stack, spec, segmenter.mode, options, limits, tiling, str(scratch),
                          None if store is None else StoreWork.of(store, open_stack, spec))
         with open_cluster(workers=args.workers, scheduler=args.scheduler) as client:
-            yield cluster_stack_job(client, work, labels, link_iou=args.link_iou, store=store)
+            if plane is not None:
+                yield cluster_tiles_job(client, work, segmenter, plane, store=store)
+            else:
+                yield cluster_stack_job(client, work, labels, link_iou=args.link_iou, store=store)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

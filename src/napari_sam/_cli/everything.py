@@ -235,6 +235,7 @@ def run(args) -> int:
     from .. import engine
     from ..engine.instances import SamInstanceSegmenter, default_mode
     from ..engine.stack import StackView, volume_contrast_limits
+    from ..engine.tiled_predictor import resolve_tile_limits
     from ..engine.weights import CheckpointDownloadError
     from ..model.checkpoint import CheckpointError
 
@@ -290,12 +291,14 @@ def run(args) -> int:
     where = (f" on {args.workers} workers" if args.workers else f" on {args.scheduler}") if on_cluster else ""
     try:
         with contextlib.ExitStack() as context:
-            if on_cluster:
+            if on_cluster:  # slices (or a single image's tiles) as tasks
                 source = functools.partial(open_stack, str(input_path.resolve()), args.level,
                                            args.channel, args.rgb)
+                if single and grid is not None and limits is None:  # one normalisation, as in process
+                    limits = resolve_tile_limits(plane_of(data), grid, "auto")
                 job = context.enter_context(cluster_job(
                     args, source, segmenter, options, limits, {**tiling, "grid": grid}, store,
-                    labels, output.target))
+                    labels, output.target, plane=out if single and grid is not None else None))
             elif single and grid is not None:  # one large image: read and written tile by tile
                 job = segmenter.job(plane_of(data), contrast_limits=limits, grid=grid, out=out,
                                     embedding_for=embedding_for(0) if embedding_for else None)
