@@ -176,8 +176,11 @@ def test_tiling_controls_rekey_the_cache(viewer, qtbot, scene):
     everything.tiling._mode.setCurrentIndex(everything.tiling._mode.findData("off"))
     assert widget.tiling._mode.currentData() == "off" and widget.segmenter.tiles is None
     assert widget.tiling.status_label.text().startswith("not tiled")
-    everything.tiling._halo.setValue(600)  # refused: larger than half the tile
-    assert widget.session.tiling.halo is None
+    everything.tiling._mode.setCurrentIndex(everything.tiling._mode.findData("auto"))
+    everything.tiling._halo.setValue(600)  # refused: larger than half the (model input) tile
+    assert widget.session.tiling.halo is None and everything.tiling._halo.value() == -1
+    assert everything.tiling.status_label.text().startswith("not applied: expected a halo smaller")
+    assert widget.segmenter.tiles.grid.halo == (96, 96)  # 768 px tiles, the default halo
 
 
 def test_segment_everything_tiled_finds_every_object_once(viewer, qtbot, scene, tmp_path):

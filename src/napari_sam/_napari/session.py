@@ -140,6 +140,10 @@ class SamSession:
             self._predictor = SamPredictor(model)
         if old is not None and _signature(old) != _signature(model):
             self.cache.invalidate(model_signature=_signature(old))
+        try:
+            self.tiling.check(model.image_size)
+        except ValueError:  # a halo too large for this model's tiles: back to the default
+            self.tiling = dataclasses.replace(self.tiling, halo=None)
         self.model_changed.emit(model)
 
     @property
@@ -160,6 +164,7 @@ class SamSession:
         (None: the model's input size), ``halo`` (None: an eighth of the tile). Cached tiles
         of other settings are not used again (their keys differ)."""
         settings = TilingSettings(mode, tile_shape, halo)
+        settings.check(getattr(self._model, "image_size", 1024))
         if settings != self.tiling:
             self.tiling = settings
             self.tiling_changed.emit()

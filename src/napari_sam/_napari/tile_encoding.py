@@ -110,6 +110,7 @@ class TileEncoder:
         source = self.source
         if source is None or self.runner.running or self._next(source) is None or self.failed is source:
             return
+        self._report(f"encoding tiles of '{source.source.name}': under your prompts first, then in view")
         self.runner.start(lambda cancel: self._job(source, cancel),
                           desc=f"SAM: encoding tiles of '{source.source.name}'",
                           on_yield=self._on_yield, on_done=lambda n: None, on_error=self._on_error,

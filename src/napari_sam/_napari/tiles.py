@@ -52,7 +52,13 @@ class TilingSettings:
                     raise ValueError(f"expected {name} as one or two integers, got {value!r}")
                 object.__setattr__(self, name, pair)
         if self.tile_shape is not None:
-            TileGrid(self.tile_shape, self.tile_shape, self.halo or 0)  # raises on a bad halo
+            self.check(self.tile_shape[0])
+
+    def check(self, image_size: int) -> None:
+        """ValueError unless the halo leaves each tile an interior (for a model of input
+        ``image_size`` when the tile size is the model's)."""
+        tile = self.tile_shape or (int(image_size), int(image_size))
+        TileGrid(tile, tile, self.halo or 0)
 
     def grid(self, shape_hw, image_size: int) -> TileGrid | None:
         """The tiling of an (H, W) plane for a model of input ``image_size``, or None."""
