@@ -398,3 +398,34 @@ def test_refine_a_label_on_a_tiled_plane(viewer, qtbot, scene):
     labels = viewer.layers["SAM labels"].data
     assert iou(labels == label, (truth == a) | (truth == b)) >= 0.9
     assert np.unique(labels).tolist() == [0, label]
+
+
+def test_segment_everything_tiled_stack_links_slices(viewer, qtbot):
+    """Scope "stack" on tiled slices (a dask stack, a 512 px model): every
+    object of each slice once, the same object on both slices one id (linked)."""
+    import dask.array as da
+
+    hw, size = (1500, 1100), 512
+    grid = TileGrid(hw, size, size // 8)
+    img, truth, _ = _disk_image(hw, grid, np.random.default_rng(8), n_random=20)
+    stack = da.from_array(np.stack([img, img]), chunks=(1, 512, 512))
+    viewer.add_image(stack, name="stack", contrast_limits=(0, 255))
+    widget = dock(viewer, "Segment Everything")
+    model = with_instance_decoder(OracleSam(size))
+    widget.session.set_model(model)
+    widget.set_mode("ais")
+    assert "tiled: 4 x 3 tiles of 512 px" in widget.tiling.status_label.text()
+    assert widget.run(scope="stack", wait=False) is not None
+    assert widget.wait(300), widget.status
+    assert model.encode_calls == 2 * len(grid)
+    out = viewer.layers["SAM everything"].data
+    n = int(truth.max())
+    for z in range(2):
+        ids = set()
+        for k in range(1, n + 1):
+            values, counts = np.unique(out[z][truth == k], return_counts=True)
+            best = int(values[np.argmax(counts)])
+            assert best and iou(out[z] == best, truth == k) >= 0.9, (z, k)
+            ids.add(best)
+        assert len(ids) == n and len(np.unique(out[z])) == n + 1
+    assert (out[0] == out[1]).all()  # linked: one id per object through the stack
