@@ -24,6 +24,7 @@ from test_cli_embed import (
     random_vit_t_ais_checkpoint,
     random_vit_t_checkpoint,
 )
+from test_cli_large import write_ome_zarr
 
 from napari_sam.model.zoo import zoo_model
 
@@ -48,6 +49,11 @@ INPUTS = {
     "cells.tif": lambda: _blobs((96, 128), 0),      # a 2D image
     "stack.tif": lambda: _blobs((2, 80, 96), 1),    # (Z, Y, X)
     "nuclei.tif": lambda: _blobs((2, 80, 96), 2),   # (Z, Y, X)
+    "slide.tif": lambda: _blobs((1600, 900), 3),    # tiled (longer than 1.5 model inputs): 2 tiles
+}
+# zarr inputs (folders): name -> writer(path)
+ZARR_INPUTS = {
+    "tissue.ome.zarr": lambda path: write_ome_zarr(path, _blobs((1, 160, 200), 4), "cyx"),
 }
 
 
@@ -83,6 +89,8 @@ def test_readme_command_runs_as_written(command, tmp_path, tmp_path_factory):
     argv = shlex.split(command)
     argv[0] = str(NAPARI_SAM)  # `napari-sam` (venv activated) or `.venv/bin/napari-sam`
     for name in argv[2:]:
+        if name in ZARR_INPUTS and not (tmp_path / name).exists():
+            ZARR_INPUTS[name](tmp_path / name)
         if re.search(r"\.(tif|tiff|png|jpg|npy)$", name) and not (tmp_path / name).exists():
             previous = argv[argv.index(name) - 1]
             if previous not in ("-o", "--output"):
@@ -95,7 +103,8 @@ def test_readme_command_runs_as_written(command, tmp_path, tmp_path_factory):
         argv += ["--checkpoint", str(checkpoint(tmp_path_factory))]
         if argv[1] == "everything":
             argv += ["--points-per-side", "4"]
-    result = napari_sam(*argv[1:], cwd=tmp_path, timeout=120)
+    tiled = "slide.tif" in argv  # full-size tiles: each a 1024² encode (+ AIS decoder)
+    result = napari_sam(*argv[1:], cwd=tmp_path, timeout=300 if tiled else 120)
     assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
     if "--help" in argv:
         assert "usage: napari-sam" in result.stdout
@@ -103,6 +112,9 @@ def test_readme_command_runs_as_written(command, tmp_path, tmp_path_factory):
     for flag in ("-o", "--store"):  # what it was asked to write is there
         if flag in argv:
             assert (tmp_path / argv[argv.index(flag) + 1]).exists(), command
+    if "--ome-labels" in argv:
+        name = argv[argv.index("--ome-labels") + 1]
+        assert (tmp_path / argv[2] / "labels" / name).is_dir(), command
 
 
 def test_readme_pictures_exist_are_small_and_come_from_the_script():
