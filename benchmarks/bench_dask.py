@@ -131,10 +131,13 @@ def main() -> None:
         "",
         (f"2 workers vs 1: {speedup:.2f}x. Start-up (cluster + model in each worker, not in the "
          f"figures above): {min(startup[1]):.1f} s with 1 worker, {min(startup[2]):.1f} s with 2. "
-         "This machine has only 2 cores, so 2 one-thread workers can at best match torch's own "
-         "2-thread run of one process; the point of the figures is that the per-task overhead "
-         "(task dispatch, the store attached once per worker, one write per item) is small "
-         "against an encode, so throughput grows with workers where there are cores or machines."),
+         "This machine has 2 cores, shared with other jobs while this ran (load average above): "
+         "2 one-thread workers can at best match one process running torch on 2 threads, and "
+         "the contention makes single figures noisy (hence the best of several). What the "
+         "cluster path costs beyond the encodes (dispatch, one store attach per worker and run, "
+         "one write per item) is at most the gap between '1 worker(s)' and 'in process, 1 "
+         "thread(s)'. Workers run without Dask's MALLOC_TRIM_THRESHOLD_ (it cost ~40% more CPU "
+         "per vit_t encode: 3x the page faults)."),
     ])
     print(body)
     if not args.no_write:
