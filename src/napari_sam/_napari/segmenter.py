@@ -22,11 +22,10 @@ from .labels_io import (
     CommitResult,
     LabelsWriteError,
     ensure_labels_layer,
-    label_mask_on_plane,
     undo_write,
     write_objects,
 )
-from .prompt_input import add_box_prompt, add_point_prompt, world_position
+from .prompt_input import PromptsFromPython
 from .prompt_layers import (
     BOXES_ROLE,
     POINTS_ROLE,
@@ -46,11 +45,12 @@ from .prompt_layers import (
 from .tiled_segmenter import TiledPlanes
 
 
-class InteractiveSegmenter(TiledPlanes):
+class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
     """Interactive SAM segmentation in ``viewer`` through ``session``.
 
     Large planes are tiled (see :class:`~napari_sam._napari.tiled_segmenter.TiledPlanes`);
-    a multiscale layer is segmented on the session's level for it (:attr:`source`).
+    a multiscale layer is segmented on the session's level for it (:attr:`source`);
+    prompts from Python: :class:`~napari_sam._napari.prompt_input.PromptsFromPython`.
 
     Attributes:
         image_layer: the layer being segmented (set with :meth:`set_image_layer`).
@@ -482,60 +482,3 @@ class InteractiveSegmenter(TiledPlanes):
         if status:
             self.report("prompts cleared")
         self.changed.emit()
-
-    def refine_label(self, label_id: int) -> bool:
-        """Start refining object ``label_id`` of the target labels on the shown slice: it is
-        used as SAM's mask input for the next prompts, and commit replaces it."""
-        if self.labels_layer is None or self.plane is None or self.image_layer is None:
-            self.report("choose an image and a target labels layer first")
-            return False
-        mask = label_mask_on_plane(self.labels_layer, self.source, self.plane, int(label_id),
-                                   self.viewer.dims.point)
-        if not mask.any():
-            self.report(f"label {label_id} is not on this slice")
-            return False
-        self.refine_id, self._refine_mask = int(label_id), mask
-        self.report(f"refining label {label_id}: add points, then commit")
-        self.update_preview()
-        return True
-
-    def pick_label_at(self, position_world) -> bool:
-        """Refine the object of the target labels under ``position_world`` (world coords)."""
-        if self.labels_layer is None:
-            self.report("choose a target labels layer first")
-            return False
-        try:
-            world = world_position(self.viewer.dims, position_world)
-        except ValueError as exc:
-            self.report(str(exc))
-            return False
-        value = self.labels_layer.get_value(world, world=True)
-        if not value:
-            self.report("no label there to refine")
-            return False
-        return self.refine_label(int(value))
-
-    # ------------------------------------------------------------------ prompts from Python
-    def add_point(self, position_world, positive: bool | None = None) -> bool:
-        """Add a prompt point (world coordinates; a (row, col) means the shown slice); a
-        point outside the image or not finite is refused with a status message."""
-        if self.image_layer is None:
-            self.report("choose an image layer first")
-            return False
-        self._ensure_prompt_layers()
-        why = add_point_prompt(self.viewer.dims, self.source, self.points_layer, position_world,
-                               self.positive if positive is None else positive, self.positive)
-        if why is not None:
-            self.report(why)
-        return why is None
-
-    def add_box(self, corner0_world, corner1_world) -> bool:
-        """Add a box prompt from two opposite corners (world coordinates)."""
-        if self.image_layer is None or self.plane is None:
-            self.report("choose an image layer and a 2D view first")
-            return False
-        self._ensure_prompt_layers()
-        why = add_box_prompt(self.viewer.dims, self.boxes_layer, corner0_world, corner1_world, self.plane)
-        if why is not None:
-            self.report(why)
-        return why is None

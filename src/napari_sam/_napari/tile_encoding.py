@@ -96,6 +96,11 @@ class TileEncoder:
         if self.runner.running:
             self.runner.cancel()
 
+    def wanted(self) -> list[int]:
+        """The tiles wanted now, in encoding order."""
+        with self._lock:
+            return list(self._order)
+
     @property
     def pending(self) -> int:
         """How many wanted tiles are not encoded yet."""

@@ -63,9 +63,7 @@ class TiledPlanes:
         self._want_tiles(view=True, resume=True)
         if wait:
             self.tile_encoder.runner.wait()
-            with self.tile_encoder._lock:
-                order = list(self.tile_encoder._order)
-            self.tile_encoder.encode_now(order)
+            self.tile_encoder.encode_now(self.tile_encoder.wanted())
             self.update_preview()
         self.changed.emit()
         return self.tile_encoder.pending == 0
