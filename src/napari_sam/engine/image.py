@@ -78,6 +78,20 @@ def _rescale_to_uint8(image: np.ndarray, contrast_limits: tuple[float, float] | 
     return np.rint(out).astype(np.uint8)
 
 
+def robust_limits(values: np.ndarray, what: str = "an image") -> tuple[float, float]:
+    """(low, high) = the :data:`ROBUST_PERCENTILES` of the finite ``values`` (any shape);
+    the full range when those coincide (a nearly constant image). ``what`` names the data
+    in the error raised when no value is finite."""
+    values = np.asarray(values, dtype=np.float32).ravel()
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise ValueError(f"expected {what} with finite values, got only NaN/inf")
+    lo, hi = (float(v) for v in np.percentile(values, ROBUST_PERCENTILES))
+    if hi <= lo:
+        lo, hi = float(values.min()), float(values.max())
+    return lo, hi
+
+
 def resized_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
     """(h, w) after scaling the longest side to ``long_side``, rounded as the reference."""
     scale = long_side / max(height, width)

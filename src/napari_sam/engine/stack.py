@@ -21,7 +21,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from .image import ROBUST_PERCENTILES, resized_shape
+from .image import resized_shape, robust_limits
 from .predictor import ImageEmbedding, SamPredictor
 from .tiled_predictor import encode_tile
 from .tiling import TileGrid
@@ -180,13 +180,7 @@ def volume_contrast_limits(view: StackView, n_sample: int = 16,
         return None
     values = np.concatenate([piece.astype(np.float32).ravel()
                              for piece in _samples(view, grid, n_sample, 1 << 18)])
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        raise ValueError("expected a stack with finite values, got only NaN/inf in sampled slices")
-    lo, hi = (float(v) for v in np.percentile(values, ROBUST_PERCENTILES))
-    if hi <= lo:
-        lo, hi = float(values.min()), float(values.max())
-    return lo, hi
+    return robust_limits(values, "a stack (sampled slices)")
 
 
 def _as_predictor(model_or_predictor) -> SamPredictor:

@@ -28,7 +28,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .image import ROBUST_PERCENTILES
+from .image import robust_limits
 
 # An image is tiled by default when its longest side exceeds this many model inputs: below,
 # one squeezed encode loses at most 1.5x resolution and costs one encoder call, not 4.
@@ -242,13 +242,7 @@ def tiled_contrast_limits(image, grid: TileGrid, n_sample: int = 16,
     step = max(1, math.ceil(math.sqrt(grid.tile_hw[0] * grid.tile_hw[1] / max_pixels)))
     values = np.concatenate([read_tile(image, grid.tiles[k])[::step, ::step].astype(np.float32).ravel()
                              for k in picks])
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        raise ValueError("expected an image with finite values, got only NaN/inf in sampled tiles")
-    lo, hi = (float(v) for v in np.percentile(values, ROBUST_PERCENTILES))
-    if hi <= lo:
-        lo, hi = float(values.min()), float(values.max())
-    return lo, hi
+    return robust_limits(values, "an image (sampled tiles)")
 
 
 def image_hw_of(image) -> tuple[int, int]:
