@@ -34,7 +34,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-from . import add_model_arguments, cli_wording
+from . import add_model_arguments, add_tiling_arguments, cli_wording, tiling_flags
 from .files import check_image_size, check_writable_folder, read_stack, refuse_overlap
 
 __all__ = ["add_parser", "read_stack", "run"]
@@ -60,15 +60,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--on-mismatch", default="error", choices=("error", "recompute"),
                    help="if the store was made for other data, another model or another "
                         "normalisation: refuse (default) or clear it and recompute")
-    p.add_argument("--tiling", choices=("auto", "on", "off"),
-                   help="cut large slices into tiles encoded at full resolution: auto (when the "
-                        "longest side exceeds 1.5 model inputs), on, off (default: the tiling "
-                        "of an existing --store, else auto)")
-    p.add_argument("--tile-shape", type=int, nargs="+", metavar="PX",
-                   help="tile size in pixels, one number or ROWS COLS (default: the model input, 1024)")
-    p.add_argument("--halo", type=int, nargs="+", metavar="PX",
-                   help="context kept around each tile's own part, one number or ROWS COLS "
-                        "(default: an eighth of the tile)")
+    add_tiling_arguments(p, "encoded")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--workers", type=int, metavar="N",
                        help="encode on a local Dask cluster of N worker processes (default: in "
@@ -95,14 +87,6 @@ def is_single_image(shape: tuple[int, ...], axis: int) -> bool:
     return len(shape) == 2 or (len(shape) == 3 and shape[-1] in (3, 4) and axis % 3 != 2)
 
 
-def _pair(values, name: str):
-    if values is None:
-        return None
-    if len(values) not in (1, 2) or min(values) < 0:
-        raise ValueError(f"expected {name} as one or two numbers >= 0, got {' '.join(map(str, values))}")
-    return values[0] if len(values) == 1 else tuple(values)
-
-
 def run(args) -> int:
     def fail(code: int, message: str) -> int:
         print(f"napari-sam embed: error: {cli_wording(message)}", file=sys.stderr)
@@ -120,7 +104,7 @@ def run(args) -> int:
     from ..engine.stack import StackView
 
     try:
-        tile_shape, halo = _pair(args.tile_shape, "--tile-shape"), _pair(args.halo, "--halo")
+        tile_shape, halo = tiling_flags(args)
         if args.workers is not None and args.workers < 1:
             raise ValueError(f"expected --workers N >= 1, got {args.workers}")
     except ValueError as exc:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import add_model_arguments, cli_wording
+from . import add_model_arguments, add_tiling_arguments, cli_wording, tiling_flags
 from .cluster import add_cluster_arguments, check_cluster_arguments, cluster_job
 from .everything_io import (
     DEFAULT_OME_LABELS,
@@ -110,14 +110,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--level", type=int, metavar="K",
                    help="OME-Zarr input: resolution level (default 0, full resolution)")
     p.add_argument("--channel", type=int, metavar="K", help="OME-Zarr input: the channel to segment")
-    p.add_argument("--tiling", choices=("auto", "on", "off"),
-                   help="cut images into tiles of --tile-shape, each segmented at full resolution "
-                        "and stitched; auto (default; with --store: the store's tiling): images "
-                        "longer than 1.5 model inputs")
-    p.add_argument("--tile-shape", type=int, nargs="+", metavar="PX",
-                   help="tile size H [W] in pixels (default: the model's input, 1024)")
-    p.add_argument("--halo", type=int, nargs="+", metavar="PX",
-                   help="context around each tile's own part, H [W] pixels (default: tile / 8)")
+    add_tiling_arguments(p, "segmented and stitched")
     add_model_arguments(p)
     p.add_argument("--mode", default="auto", choices=("auto", "ais", "apg", "amg"),
                    help="ais: instance decoder + watershed; apg: decoder prompts + SAM; amg: SAM "
@@ -156,17 +149,7 @@ def tiling_options(args, plane_hw: tuple[int, int], image_size: int | None = Non
     from ..model.config import MODEL_CONFIGS
     from ..model.zoo import ZOO
 
-    def pair(values, name):
-        if values is None:
-            return None
-        if len(values) not in (1, 2):
-            raise ValueError(f"expected {name} as one or two integers (H W), got "
-                             f"{' '.join(map(str, values))}")
-        return int(values[0]), int(values[-1])
-
-    tile, halo = pair(args.tile_shape, "--tile-shape"), pair(args.halo, "--halo")
-    if args.tiling == "off" and (tile or halo):
-        raise ValueError("expected --tiling auto or on with --tile-shape/--halo, got --tiling off")
+    tile, halo = tiling_flags(args)
     size = image_size or MODEL_CONFIGS[ZOO[args.model].architecture].img_size
     tiling = args.tiling or "auto"
     return {"tiling": tiling, "tile_shape": tile, "halo": halo}, tile_grid(plane_hw, size, tiling, tile, halo)
