@@ -2,11 +2,11 @@
 ``napari-sam everything --store`` on a (200, 2048, 2048) uint16 zarr volume.
 
     python benchmarks/bench_lazy.py [--slices 200] [--side 2048] [--baseline 2]
-        [--workdir DIR] [--write]      # --write: the bench_lazy section of BENCHMARKS.md
+        [--tiling off|auto|on] [--workdir DIR] [--write]   # --write: BENCHMARKS.md section
 
 The installed command runs as a user runs it, with random vit_t weights (the real
 architecture; the same cost per slice as MobileSAM), fp32 on the CPU, and everything in
-AMG mode with reduced settings (4 x 4 points, no quality thresholds: random weights give
+AMG mode with reduced settings (2 x 2 points, no quality thresholds: random weights give
 masks that would otherwise be filtered away) so that 200 slices finish in minutes. The
 peak RSS of each command is the kernel's ``ru_maxrss`` of that process (``os.wait4``).
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from common import cpu_name, write_section
 
 NAPARI_SAM = Path(sys.executable).with_name("napari-sam")
 BOUND_MIB = 64
-AMG = ["--mode", "amg", "--points-per-side", "4", "--pred-iou-thresh", "0",
+AMG = ["--mode", "amg", "--points-per-side", "2", "--pred-iou-thresh", "0",
        "--stability-score-thresh", "0", "--quiet"]
 
 
@@ -58,22 +57,20 @@ def random_vit_t(path: Path) -> Path:
 
 def measured(*args) -> tuple[float, float]:
     """(wall s, peak RSS MiB) of ``napari-sam *args`` (fails loudly on a non-zero exit)."""
+    from rss import peak_rss_mb  # tests/rss.py: measured from a small launcher process
+
     t0 = time.perf_counter()
-    proc = subprocess.Popen([str(NAPARI_SAM), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"napari-sam {' '.join(map(str, args))} failed:\n{err[-3000:]}")
-    return wall, usage.ru_maxrss / 1024
+    peak, run = peak_rss_mb([NAPARI_SAM, *args])
+    if run.returncode != 0:
+        raise RuntimeError(f"napari-sam {' '.join(map(str, args))} failed:\n{run.stderr[-3000:]}")
+    return time.perf_counter() - t0, peak
 
 
-def run(n: int, side: int, work: Path, checkpoint: Path) -> dict:
+def run(n: int, side: int, work: Path, checkpoint: Path, tiling: str) -> dict:
     volume, store, labels = work / f"v{n}.zarr", work / f"s{n}.zarr", work / f"l{n}.zarr"
     write_volume(volume, n, side)
     model = ["--model", "vit_t", "--checkpoint", checkpoint, "--device", "cpu", "--precision", "fp32"]
-    embed = measured("embed", volume, "--store", store, *model, "--quiet")
+    embed = measured("embed", volume, "--store", store, *model, "--tiling", tiling, "--quiet")
     everything = measured("everything", volume, "-o", labels, "--store", store, *model, *AMG)
     return {"n": n, "embed": embed, "everything": everything}
 
@@ -83,6 +80,8 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=200)
     parser.add_argument("--side", type=int, default=2048)
     parser.add_argument("--baseline", type=int, default=2)
+    parser.add_argument("--tiling", default="off", choices=("auto", "on", "off"),
+                        help="embed's tiling (everything follows the store); off: one encode per slice")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
@@ -90,7 +89,7 @@ def main() -> None:
         work = Path(tmp)
         checkpoint = random_vit_t(work / "vit_t.pt")
         load = os.getloadavg()[0]
-        results = [run(n, args.side, work, checkpoint) for n in (args.baseline, args.slices)]
+        results = [run(n, args.side, work, checkpoint, args.tiling) for n in (args.baseline, args.slices)]
         load = max(load, os.getloadavg()[0])
     base, big = results
     lines = [f"| {r['n']} x {args.side}² | {r['embed'][0]:.0f} s | {r['embed'][1]:.0f} MiB | "
@@ -104,10 +103,10 @@ def main() -> None:
 ({os.cpu_count()} cores, shared: load average up to {load:.1f} during the run). A uint16 zarr
 volume (chunks 1 x 512 x 512) is embedded (`napari-sam embed VOLUME --store S.zarr`) and
 segmented (`napari-sam everything VOLUME -o L.zarr --store S.zarr`) by the installed command,
-random vit_t weights, fp32 CPU, untiled (2048² slices squeezed into one 1024 input, the store's
-default). Reduced so that it finishes in minutes: AMG with 4 x 4 points and no quality
-thresholds (AIS's decoder costs tens of seconds per 1024 input on this CPU). Peak RSS is the
-kernel's ru_maxrss of each command.
+random vit_t weights, fp32 CPU, `--tiling {args.tiling}`{" (each 2048² slice squeezed into one 1024 input)" if args.tiling == "off" else ""}.
+Reduced so that it finishes: AMG with 2 x 2 points and no quality thresholds (AIS's decoder
+costs tens of seconds per 1024 input on this CPU). Peak RSS is the kernel's ru_maxrss of each
+command (started from a small launcher, tests/rss.py).
 
 | volume | embed | embed peak RSS | everything | everything peak RSS |
 |---|---|---|---|---|

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
+import rss
 import tifffile
 import zarr
 from conftest import patch_build_sam
@@ -29,7 +30,7 @@ from napari_sam.engine.tiling import TileGrid
 
 TYPES = {"t": "time", "c": "channel"}
 AIS = ["--model", "vit_t_lm", "--mode", "ais"]  # with the oracle: its perfect AIS decoder
-AMG = ["--mode", "amg", "--points-per-side", "4", "--pred-iou-thresh", "0",
+AMG = ["--mode", "amg", "--points-per-side", "2", "--pred-iou-thresh", "0",
        "--stability-score-thresh", "0", "--quiet"]  # random weights: keep every mask
 
 
@@ -350,43 +351,43 @@ def test_compressed_tiffs_stay_lazy_and_2d_zarr_inputs_work(tmp_path, ais_oracle
 
 
 # ---------------------------------------------------------------- peak memory
-def peak_rss_mb(*args) -> tuple[float, subprocess.CompletedProcess]:
-    """Peak resident memory (MiB) of the installed command run with ``args``: the kernel's
-    ru_maxrss of that process (os.wait4), no polling."""
-    proc = subprocess.Popen([str(NAPARI_SAM), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    out, err = proc.stdout.read(), proc.stderr.read()
-    return usage.ru_maxrss / 1024, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+def peak_rss_mb(*args, env=None) -> tuple[float, subprocess.CompletedProcess]:
+    """Peak RSS (MiB) of the installed command run with ``args`` (see tests/rss.py)."""
+    return rss.peak_rss_mb([NAPARI_SAM, *args], env=env, timeout=900)
 
 
-def write_volume(path, n: int, side: int = 2048):
-    """(n, side, side) uint16 zarr volume, one chunk per 512 x 512 block, written slice by slice."""
+def write_volume(path, n: int, side: int = 2048) -> np.ndarray:
+    """(n, side, side) uint16 zarr volume of 36 objects drifting 4 pixels right per slice,
+    one chunk per 512 x 512 block, written slice by slice. Returns slice 0's truth masks."""
+    image, truth = draw_objects((side, side), grid=(6, 6), seed=5, radius=(60, 150))
     array = zarr.create_array(str(path), shape=(n, side, side), chunks=(1, 512, 512), dtype="uint16",
                               zarr_format=2)
-    yy, xx = np.mgrid[0:side, 0:side]
     for z in range(n):
-        array[z] = ((np.sin(yy / 40.0 + z) * np.cos(xx / 55.0) > 0.3) * 3000 + yy % 97).astype(np.uint16)
+        array[z] = np.roll(image, 4 * z, axis=1).astype(np.uint16) * 20
+    return truth
 
 
-@pytest.mark.slow  # ~2-5 min on 2 cores: 14 vit_t encodes and 14 AMG slices of 2048 x 2048
-def test_a_lazy_volume_is_embedded_and_segmented_in_bounded_memory(tmp_path, vit_t):
-    """(12, 2048, 2048) uint16 (96 MiB; its uint32 labels 192 MiB): the peak RSS of `embed`
-    and of `everything --store` exceeds that of the same commands on a 2-slice volume by
-    less than 64 MiB, i.e. memory does not grow with the stack: model + a few slices."""
-    peaks = {}
+def test_a_lazy_volume_is_embedded_and_segmented_in_bounded_memory(tmp_path):
+    """(12, 2048, 2048) uint16 (96 MiB; its uint32 labels 192 MiB), embedded and segmented by
+    the installed command (the oracle as the model, so that memory is the data path's): the
+    peak RSS of `embed` and of `everything --store` exceeds that of the same commands on a
+    2-slice volume by less than 64 MiB, i.e. it does not grow with the stack (a few slices);
+    holding the volume and its labels would add 240 MiB. Full size with vit_t:
+    benchmarks/bench_lazy.py."""
+    peaks, env = {}, oracle_env()
     for n in (2, 12):
-        write_volume(tmp_path / f"v{n}.zarr", n)
+        truth = write_volume(tmp_path / f"v{n}.zarr", n)
         store, out = tmp_path / f"s{n}.zarr", tmp_path / f"l{n}.zarr"
-        rss_embed, run = peak_rss_mb("embed", tmp_path / f"v{n}.zarr", "--store", store, *vit_t, "--quiet")
+        rss_embed, run = peak_rss_mb("embed", tmp_path / f"v{n}.zarr", "--store", store, "--model",
+                                     "vit_t_lm", "--quiet", env=env)
         assert run.returncode == 0, run.stderr
         rss_all, run = peak_rss_mb("everything", tmp_path / f"v{n}.zarr", "-o", out, "--store", store,
-                                   *vit_t, *AMG)
+                                   *AIS, "--quiet", env=env)
         assert run.returncode == 0, run.stderr
         peaks[n] = (rss_embed, rss_all)
         labels = zarr.open_array(str(out), mode="r")
-        assert labels.shape == (n, 2048, 2048) and labels[n - 1].max() > 0
+        assert labels.shape == (n, 2048, 2048)
+        assert all(best_iou(labels[0], t) >= 0.9 for t in truth)
     print(f"peak RSS MiB (embed, everything): 2 slices {peaks[2]}, 12 slices {peaks[12]}")
     assert peaks[12][0] - peaks[2][0] < 64 and peaks[12][1] - peaks[2][1] < 64, peaks
 
