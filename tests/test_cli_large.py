@@ -481,3 +481,14 @@ def test_on_a_cluster_a_single_large_image_is_split_into_tile_tasks(tmp_path):
         assert run.returncode == 0 and "20 objects in" in run.stderr, run.stderr
     here, there = (zarr.open_array(str(tmp_path / n), mode="r")[...] for n in ("here.zarr", "there.zarr"))
     assert np.array_equal(here, there) and all(best_iou(there, t) >= 0.9 for t in truth)
+
+
+def test_an_unreachable_scheduler_is_one_line_and_writes_nothing(tmp_path, ais_oracle, capsys):
+    np.save(tmp_path / "in.npy", moving_stack(2, (64, 80)))
+    assert main(["everything", str(tmp_path / "in.npy"), "-o", str(tmp_path / "l.zarr"), *AIS,
+                 "--scheduler", "tcp://127.0.0.1:9", "--quiet"]) == 1
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("napari-sam everything: error: cannot reach the Dask scheduler tcp://127.0.0.1:9")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.npy"]
+    assert main(["everything", str(tmp_path / "in.npy"), "-o", str(tmp_path / "l.zarr"), "--workers", "0"]) == 2
+    assert "expected --workers N with N >= 1" in capsys.readouterr().err

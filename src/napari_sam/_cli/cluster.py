@@ -252,7 +252,12 @@ def cluster_job(args, open_stack, segmenter, options: dict, limits, tiling: dict
         _create(scratch, shape, chunks, {})
         work = SliceWork(open_stack, spec, segmenter.mode, options, limits, tiling, str(scratch),
                          None if store is None else StoreWork.of(store, open_stack, spec))
-        with open_cluster(workers=args.workers, scheduler=args.scheduler) as client:
+        with contextlib.ExitStack() as context:
+            try:
+                client = context.enter_context(open_cluster(workers=args.workers, scheduler=args.scheduler))
+            except OSError as exc:  # e.g. no scheduler at that address
+                where = f"the Dask scheduler {args.scheduler}" if args.scheduler else "a local Dask cluster"
+                raise RuntimeError(f"cannot reach {where}: {exc}") from None
             if plane is not None:
                 yield cluster_tiles_job(client, work, segmenter, plane, store=store)
             else:

@@ -289,6 +289,8 @@ def run(args) -> int:
                 job = segmenter.stack_job(stack, contrast_limits=limits, link_iou=args.link_iou,
                                           embedding_for=embedding_for, out=labels, **tiling, grid=grid)
             code, value = _run(job, tqdm, f"everything ({segmenter.mode}){where}", args.quiet, fail)
+        if code == 0 and value is None:
+            code = fail(1, "the work stopped before the end; nothing was written")
         count = getattr(value, "count", None)  # stitched tiles: K objects, ids 1..K
         n_objects, max_label = (labels.n_objects, labels.max_label) if count is None else (count, count)
         if code == 0:
@@ -297,6 +299,9 @@ def run(args) -> int:
         output.abort()
         return fail(1, f"cannot write {output.target}: {exc.strerror or exc}; an earlier output "
                        "there is unchanged")
+    except RuntimeError as exc:  # the cluster could not be started or reached
+        output.abort()
+        return fail(1, str(exc))
     except BaseException:
         output.abort()
         raise
