@@ -1,7 +1,7 @@
 """Lazy volumes from the command line: peak memory of ``napari-sam embed`` and
 ``napari-sam everything --store`` on a (200, 2048, 2048) uint16 zarr volume.
 
-    python benchmarks/bench_lazy.py [--slices 200] [--side 2048] [--baseline 2]
+    python benchmarks/bench_lazy.py [--slices 2 20 200] [--side 2048]
         [--tiling off|auto|on] [--workdir DIR] [--write]   # --write: BENCHMARKS.md section
 
 The installed command runs as a user runs it, with random vit_t weights (the real
@@ -10,9 +10,10 @@ AMG mode with reduced settings (2 x 2 points, no quality thresholds: random weig
 masks that would otherwise be filtered away) so that 200 slices finish in minutes. The
 peak RSS of each command is the kernel's ``ru_maxrss`` of that process (``os.wait4``).
 
-The bound: a command on N slices peaks less than 64 MiB above the same command on
-``--baseline`` slices, i.e. model + a few slices, whatever N. Loading the volume whole
-would add N x 8 MiB (uint16 pixels) and its labels N x 16 MiB (uint32).
+The bound: a command on N slices peaks less than 64 MiB above the same command on a
+shorter volume of at least 16 slices (the data hash and the contrast limits sample up to
+16 slices), i.e. model + a few slices, whatever N. Loading the volume whole would add
+N x 8 MiB (uint16 pixels) and its labels N x 16 MiB (uint32).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from common import cpu_name, write_section
 
 NAPARI_SAM = Path(sys.executable).with_name("napari-sam")
 BOUND_MIB = 64
+SAMPLED = 16  # slices sampled for the data hash and the contrast limits (engine/stack.py)
 AMG = ["--mode", "amg", "--points-per-side", "2", "--pred-iou-thresh", "0",
        "--stability-score-thresh", "0", "--quiet"]
 
@@ -75,11 +77,44 @@ def run(n: int, side: int, work: Path, checkpoint: Path, tiling: str) -> dict:
     return {"n": n, "embed": embed, "everything": everything}
 
 
+def section(results: list[dict], side: int, tiling: str, load: float) -> str:
+    """The BENCHMARKS.md section of ``results`` (one dict per volume length, ascending)."""
+    lines = [f"| {r['n']} x {side}² | {r['embed'][0]:.0f} s | {r['embed'][1]:.0f} MiB | "
+             f"{r['everything'][0]:.0f} s | {r['everything'][1]:.0f} MiB |" for r in results]
+    big = results[-1]
+    ref = [r for r in results[:-1] if r["n"] >= SAMPLED] or results[:1]
+    ref = ref[-1]
+    growth = (big["embed"][1] - ref["embed"][1], big["everything"][1] - ref["everything"][1])
+    whole = big["n"] * side**2 * (2 + 4) / 2**20
+    squeezed = " (each 2048² slice squeezed into one 1024 input)" if tiling == "off" else ""
+    return f"""## Lazy volumes from the command line (bench_lazy)
+
+`python benchmarks/bench_lazy.py --slices {' '.join(str(r['n']) for r in results)} --side {side} --write`
+on {cpu_name()} ({os.cpu_count()} cores, shared with other jobs: load average up to {load:.1f}).
+A uint16 zarr volume (chunks 1 x 512 x 512) is embedded (`napari-sam embed VOLUME --store S.zarr`)
+and segmented (`napari-sam everything VOLUME -o L.zarr --store S.zarr`) by the installed command,
+random vit_t weights, fp32 CPU, `--tiling {tiling}`{squeezed}. Reduced so that it finishes: AMG
+with 2 x 2 points and no quality thresholds (AIS's decoder costs tens of seconds per 1024 input
+on this CPU). Peak RSS: the kernel's ru_maxrss of each command (started from a small launcher,
+tests/rss.py). Times include start-up and the load of the shared machine.
+
+| volume | embed | embed peak RSS | everything | everything peak RSS |
+|---|---|---|---|---|
+{chr(10).join(lines)}
+
+Up to {SAMPLED} slices, more slices are sampled for the data hash and the contrast limits
+(a fixed cost, then constant). Bound: {big['n']} slices peak within {BOUND_MIB} MiB of
+{ref['n']} slices (model + a few slices, whatever the stack length): {'met' if max(growth) < BOUND_MIB else 'NOT met'}
+({growth[0]:+.0f} MiB embed, {growth[1]:+.0f} MiB everything). Holding the {big['n']}-slice volume and its
+uint32 labels in RAM would take {whole:,.0f} MiB more.
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--slices", type=int, default=200)
+    parser.add_argument("--slices", type=int, nargs="+", default=[2, 20, 200],
+                        help="volume lengths, measured in this order (the last is compared)")
     parser.add_argument("--side", type=int, default=2048)
-    parser.add_argument("--baseline", type=int, default=2)
     parser.add_argument("--tiling", default="off", choices=("auto", "on", "off"),
                         help="embed's tiling (everything follows the store); off: one encode per slice")
     parser.add_argument("--workdir", type=Path)
@@ -88,35 +123,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         checkpoint = random_vit_t(work / "vit_t.pt")
-        load = os.getloadavg()[0]
-        results = [run(n, args.side, work, checkpoint, args.tiling) for n in (args.baseline, args.slices)]
-        load = max(load, os.getloadavg()[0])
-    base, big = results
-    lines = [f"| {r['n']} x {args.side}² | {r['embed'][0]:.0f} s | {r['embed'][1]:.0f} MiB | "
-             f"{r['everything'][0]:.0f} s | {r['everything'][1]:.0f} MiB |" for r in results]
-    growth = (big["embed"][1] - base["embed"][1], big["everything"][1] - base["everything"][1])
-    ok = max(growth) < BOUND_MIB
-    whole = args.slices * args.side**2 * (2 + 4) / 2**20
-    body = f"""## Lazy volumes from the command line (bench_lazy)
-
-`python benchmarks/bench_lazy.py --slices {args.slices} --side {args.side} --write` on {cpu_name()}
-({os.cpu_count()} cores, shared: load average up to {load:.1f} during the run). A uint16 zarr
-volume (chunks 1 x 512 x 512) is embedded (`napari-sam embed VOLUME --store S.zarr`) and
-segmented (`napari-sam everything VOLUME -o L.zarr --store S.zarr`) by the installed command,
-random vit_t weights, fp32 CPU, `--tiling {args.tiling}`{" (each 2048² slice squeezed into one 1024 input)" if args.tiling == "off" else ""}.
-Reduced so that it finishes: AMG with 2 x 2 points and no quality thresholds (AIS's decoder
-costs tens of seconds per 1024 input on this CPU). Peak RSS is the kernel's ru_maxrss of each
-command (started from a small launcher, tests/rss.py).
-
-| volume | embed | embed peak RSS | everything | everything peak RSS |
-|---|---|---|---|---|
-{chr(10).join(lines)}
-
-Bound: peak RSS on {args.slices} slices within {BOUND_MIB} MiB of the same command on
-{args.baseline} slices (model + a few slices, independent of the stack length):
-{'met' if ok else 'NOT met'} (+{growth[0]:.0f} MiB embed, +{growth[1]:.0f} MiB everything). Holding the
-volume and its uint32 labels in RAM would take {whole:,.0f} MiB more.
-"""
+        load, results = os.getloadavg()[0], []
+        for n in sorted(args.slices):
+            results.append(run(n, args.side, work, checkpoint, args.tiling))
+            load = max(load, os.getloadavg()[0])
+            print(results[-1], flush=True)
+    body = section(results, args.side, args.tiling, load)
     print(body)
     if args.write:
         write_section("bench_lazy", body)
