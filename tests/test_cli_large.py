@@ -246,25 +246,28 @@ def test_the_installed_command_writes_ome_zarr_labels_and_refuses_to_overwrite(t
     assert [p.name for p in (path / "labels").iterdir() if p.name.startswith(".napari-sam")] == []
 
 
-def test_the_installed_command_writes_zarr_equal_to_tiff_and_npy(tmp_path, vit_t):
-    stack, _ = objects_stack()
-    np.save(tmp_path / "stack.npy", stack[:2] * 20)
+def test_the_installed_command_writes_zarr_equal_to_tiff_and_npy(tmp_path):
+    """The same labels in the three output formats. The oracle (deterministic, exact objects)
+    rather than random weights: with every random mask kept, a logit a rounding away from 0
+    could differ between runs on another CPU, and the formats are what is tested here."""
+    np.save(tmp_path / "stack.npy", moving_stack(2, (200, 240)))
+    env = oracle_env()
     outputs = {name: tmp_path / name for name in ("l.tif", "l.npy", "l.zarr")}
     for out in outputs.values():
-        run = napari_sam("everything", tmp_path / "stack.npy", "-o", out, *vit_t, *AMG)
+        run = napari_sam("everything", tmp_path / "stack.npy", "-o", out, *AIS, "--quiet", env=env)
         assert run.returncode == 0, run.stderr
     tif, npy = tifffile.imread(outputs["l.tif"]), np.load(outputs["l.npy"])
     array = zarr.open_array(str(outputs["l.zarr"]), mode="r")
     assert array.dtype == np.uint32 and array.chunks == (1, 200, 240)  # one chunk per slice
-    assert tif.shape == (2, 200, 240) and tif.max() > 0 and tif.dtype == np.uint16
+    assert tif.shape == (2, 200, 240) and tif.max() >= 10 and tif.dtype == np.uint16
     assert np.array_equal(array[...], tif) and np.array_equal(npy, tif)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.npy", "l.tif", "l.zarr", "stack.npy"]
     # a zarr output is replaced only with --overwrite, and only if napari-sam wrote it
-    run = napari_sam("everything", tmp_path / "stack.npy", "-o", outputs["l.zarr"], *vit_t, *AMG)
+    run = napari_sam("everything", tmp_path / "stack.npy", "-o", outputs["l.zarr"], *AIS, env=env)
     assert run.returncode == 2 and "--overwrite" in run.stderr
     foreign = tmp_path / "foreign.zarr"
     zarr.create_array(str(foreign), shape=(2, 200, 240), dtype="uint8", zarr_format=2)[...] = 7
-    run = napari_sam("everything", tmp_path / "stack.npy", "-o", foreign, *vit_t, *AMG, "--overwrite")
+    run = napari_sam("everything", tmp_path / "stack.npy", "-o", foreign, *AIS, "--overwrite", env=env)
     assert run.returncode == 2 and "did not write" in run.stderr
     assert (zarr.open_array(str(foreign), mode="r")[...] == 7).all()
 
