@@ -319,9 +319,13 @@ class SamPredictor:
         low_res, iou = self.decode_low_res(
             point_coords, point_labels, boxes, mask_input, multimask_output
         )
-        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
-        if not return_logits:
-            masks = masks > self.model.mask_threshold
+        binary = getattr(self.model, "postprocess_thresholded", None)
+        if return_logits or binary is None:
+            masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
+            if not return_logits:
+                masks = masks > self.model.mask_threshold
+        else:  # the same masks, interpolating only near their borders
+            (masks,) = binary(low_res, self.input_size, self.original_size)
         return masks, iou, low_res
 
     def decode_low_res(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 from .config import PIXEL_MEAN, PIXEL_STD, SamConfig
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
+from .sparse_upsample import full_resolution_logits, thresholded_masks
 from .transformer import ImageSideCache
 
 
@@ -185,14 +187,14 @@ class Sam(nn.Module):
                 record.get("mask_inputs"),
                 multimask_output,
             )
-            masks = self.postprocess_masks(
+            (masks,) = self.postprocess_thresholded(
                 low_res,
                 tuple(int(v) for v in record["image"].shape[-2:]),
                 tuple(int(v) for v in record["original_size"]),
             )
             outputs.append(
                 {
-                    "masks": masks > self.mask_threshold,
+                    "masks": masks,
                     "iou_predictions": iou,
                     "low_res_logits": low_res,
                 }
@@ -207,9 +209,18 @@ class Sam(nn.Module):
         Same two bilinear steps as the reference: up to the padded input (S, S), crop the
         padding away, then to the original size (skipped when it is the identity).
         """
-        s = self.image_size
-        masks = F.interpolate(masks, (s, s), mode="bilinear", align_corners=False)
-        masks = masks[..., : input_size[0], : input_size[1]]
-        if tuple(input_size) != tuple(original_size):
-            masks = F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
-        return masks
+        return full_resolution_logits(masks, self.image_size, input_size, original_size)
+
+    def postprocess_thresholded(
+        self,
+        masks: Tensor,
+        input_size: tuple[int, int],
+        original_size: tuple[int, int],
+        thresholds: Sequence[float] | None = None,
+    ) -> list[Tensor]:
+        """``postprocess_masks(masks, …) > t`` as (B, K, H, W) bool, one per threshold
+        (default: ``[mask_threshold]``), bit-identical but interpolating only the tiles
+        whose low-res neighbourhood straddles a threshold (see :mod:`.sparse_upsample`)."""
+        if thresholds is None:
+            thresholds = [self.mask_threshold]
+        return thresholded_masks(masks, self.image_size, input_size, original_size, thresholds)
