@@ -2,7 +2,9 @@
 
 Parameter names and shapes follow the official checkpoints (``image_encoder.*``).
 Attention runs through ``F.scaled_dot_product_attention`` with the decomposed relative
-position bias as an additive mask (see :func:`_attention_with_rel_pos`).
+position bias as an additive mask, built one cache-sized tile at a time (see
+:func:`_attention_with_rel_pos`); windowed blocks project only the real tokens (see
+:meth:`Attention.forward`).
 """
 
 from __future__ import annotations
@@ -46,8 +48,22 @@ def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> 
     return rel_pos[offset.long()]
 
 
-# Bound on the transient (chunk, HW, HW) bias tensor of global attention: 64 M values.
-_MAX_BIAS_VALUES = 1 << 26
+# Size of one tile of the additive bias of attention, in values (16 MiB in float32). The
+# bias of a global vit_b block is (12 heads, 4096, 4096): 800 MB if built whole, written
+# once and read once by the attention kernel. Built one tile at a time into one reused
+# buffer, it stays in the CPU's cache between being written and being read.
+_BIAS_TILE_VALUES = 1 << 22
+
+
+def _bias_tile_shape(batch: int, h: int, w: int) -> tuple[int, int]:
+    """(sequences, grid rows) per tile of the (batch, H*W, H*W) bias (see _BIAS_TILE_VALUES).
+
+    Whole sequences while they fit (windowed blocks: many small ones at once), else one
+    sequence and as many query rows of the token grid as fit (global blocks)."""
+    n = h * w
+    if n * n <= _BIAS_TILE_VALUES:
+        return min(batch, _BIAS_TILE_VALUES // (n * n)), h
+    return 1, max(1, min(h, _BIAS_TILE_VALUES // (w * n)))
 
 
 def _attention_with_rel_pos(
@@ -61,9 +77,12 @@ def _attention_with_rel_pos(
 ) -> torch.Tensor:
     """softmax(scale * q k^T + bias) v with SAM's decomposed relative-position bias.
 
-    ``bias[(i, j), (m, n)] = <q_ij, Rh[i, m]> + <q_ij, Rw[j, n]>`` is built as an additive
-    mask for ``F.scaled_dot_product_attention`` (fused kernel, no separate softmax pass),
-    a few heads at a time so the (heads, HW, HW) tensor of global blocks stays bounded.
+    ``bias[(i, j), (m, n)] = <q_ij, Rh[i, m]> + <q_ij, Rw[j, n]>`` is the additive mask of
+    ``F.scaled_dot_product_attention`` (fused kernel, no separate softmax pass). It is
+    built tile by tile — a few sequences, or one sequence and a band of query rows — so
+    that the (B, HW, HW) tensor of a global block never exists whole; each query row's
+    result is the same as with the whole mask. A stop request (see ``interrupt``) is
+    honoured between tiles.
 
     Args:
         q, k, v: (B, HW, d) per-head tokens, row-major over (H, W).
@@ -76,22 +95,34 @@ def _attention_with_rel_pos(
     b, n, d = q.shape
     table_h = relative_position_table(h, h, rel_pos_h).to(q.dtype)  # (H, H, d)
     table_w = relative_position_table(w, w, rel_pos_w).to(q.dtype)  # (W, W, d)
-    chunk = max(1, _MAX_BIAS_VALUES // (n * n))
-    out = []
-    for start in range(0, b, chunk):
-        qc = q[start : start + chunk]
-        q_grid = qc.reshape(-1, h, w, d)
-        bias_h = torch.einsum("bhwc,hkc->bhwk", q_grid, table_h)  # (b, H, W, H)
-        bias_w = torch.einsum("bhwc,wkc->bhwk", q_grid, table_w)  # (b, H, W, W)
-        # (b, H, W, H, 1) + (b, H, W, 1, W) -> (b, 1, HW, HW) additive mask
-        bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(-1, 1, n, n)
-        out.append(
-            F.scaled_dot_product_attention(
-                qc[:, None], k[start : start + chunk, None], v[start : start + chunk, None],
-                attn_mask=bias.to(qc.dtype), scale=scale,
-            )[:, 0]
-        )
-    return out[0] if len(out) == 1 else torch.cat(out)
+    q_grid = q.reshape(b, h, w, d)
+    bias_h = torch.einsum("bhwc,hkc->bhwk", q_grid, table_h)  # (B, H, W, H) over key rows
+    bias_w = torch.einsum("bhwc,wkc->bhwk", q_grid, table_w)  # (B, H, W, W) over key cols
+    seqs, rows = _bias_tile_shape(b, h, w)
+    # out= writes cannot be differentiated: with autograd on, each tile is a fresh tensor
+    reuse = not (torch.is_grad_enabled() and bias_h.requires_grad)
+    buffer = q.new_empty(seqs * rows * w * n) if reuse else None
+    q4, k4, v4 = q[:, None], k[:, None], v[:, None]  # (B, 1, HW, d): one "head" per sequence
+    out = q.new_empty(b, n, d)
+    for s0 in range(0, b, seqs):
+        s1 = min(b, s0 + seqs)
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
+            # (s, r, W, H, 1) + (s, r, W, 1, W) -> (s, r, W, H, W): bias of r*W query tokens
+            tile_h = bias_h[s0:s1, r0:r1, :, :, None]
+            tile_w = bias_w[s0:s1, r0:r1, :, None, :]
+            if reuse:
+                mask = buffer[: (s1 - s0) * (r1 - r0) * w * n].view(s1 - s0, r1 - r0, w, h, w)
+                torch.add(tile_h, tile_w, out=mask)
+            else:
+                mask = tile_h + tile_w
+            queries = slice(r0 * w, r1 * w)
+            out[s0:s1, queries] = F.scaled_dot_product_attention(
+                q4[s0:s1, :, queries], k4[s0:s1], v4[s0:s1],
+                attn_mask=mask.view(s1 - s0, 1, (r1 - r0) * w, n), scale=scale,
+            )[:, 0]  # (s, r*W, d)
+        raise_if_stopped()  # a global block is seconds on a CPU: stop between sequences
+    return out
 
 
 class Attention(nn.Module):
@@ -118,23 +149,37 @@ class Attention(nn.Module):
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window: int = 0) -> torch.Tensor:
+        """(B, H, W, D) -> (B, H, W, D).
+
+        ``window`` > 0: attention within ``window`` x ``window`` tiles of the grid
+        zero-padded to multiples of ``window``, as SAM's windowed blocks (whose padding
+        tokens take part as keys). The q/k/v and output projections run on the real tokens
+        only: a zero token's q/k/v is the qkv bias, written into the padding directly.
+        """
         b, h, w, dim = x.shape
         heads = self.num_heads
-        # (B, H, W, 3D) -> (3, B, heads, HW, d) -> three (B*heads, HW, d)
-        qkv = self.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.reshape(3, b * heads, h * w, -1).unbind(0)
+        qkv = self.qkv(x)  # (B, H, W, 3D)
+        win_h, win_w = (window, window) if window > 0 else (h, w)
+        qkv = _pad_with(qkv, (win_h, win_w), self.qkv.bias)  # (B, Hp, Wp, 3D)
+        hp, wp = qkv.shape[1], qkv.shape[2]
+        nh, nw = hp // win_h, wp // win_w
+        # (B, nh, win_h, nw, win_w, 3, heads, d) -> (3, B, nh, nw, heads, win_h, win_w, d)
+        # -> three (B*nh*nw*heads, win_h*win_w, d): windows and heads split in one copy
+        qkv = qkv.view(b, nh, win_h, nw, win_w, 3, heads, -1).permute(5, 0, 1, 3, 6, 2, 4, 7)
+        q, k, v = qkv.reshape(3, b * nh * nw * heads, win_h * win_w, -1).unbind(0)
         if x.device.type == "cpu" and q.dtype != torch.float32:
             # CPU low precision: the linear layers carry the speed-up (bf16 matmul ~4.5x),
             # while bf16 attention logits with an additive bias gain little and cost
             # accuracy, so attention itself runs in float32.
             with torch.autocast("cpu", enabled=False):
-                out = self._attend(q.float(), k.float(), v.float(), (h, w)).to(q.dtype)
+                out = self._attend(q.float(), k.float(), v.float(), (win_h, win_w)).to(q.dtype)
         else:
-            out = self._attend(q, k, v, (h, w))
-        # (B*heads, HW, d) -> (B, heads, H, W, d) -> (B, H, W, heads*d)
-        out = out.view(b, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
-        return self.proj(out)
+            out = self._attend(q, k, v, (win_h, win_w))
+        # (B, nh, nw, heads, win_h, win_w, d) -> (B, nh, win_h, nw, win_w, heads, d) -> (B, Hp, Wp, D)
+        out = out.view(b, nh, nw, heads, win_h, win_w, -1).permute(0, 1, 4, 2, 5, 3, 6)
+        out = out.reshape(b, hp, wp, dim)
+        return self.proj(out[:, :h, :w] if (hp, wp) != (h, w) else out)
 
     def _attend(self, q, k, v, size: tuple[int, int]) -> torch.Tensor:
         """(B*heads, HW, d) q, k, v -> (B*heads, HW, d)."""
@@ -145,31 +190,20 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, scale=self.scale)
 
 
-def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(B, H, W, C) -> (B * nWindows, window, window, C), zero-padding H, W up to multiples.
-
-    Returns the windows and the padded size (Hp, Wp).
-    """
+def _pad_with(x: torch.Tensor, window: tuple[int, int], fill: torch.Tensor | None) -> torch.Tensor:
+    """(B, H, W, C) -> (B, Hp, Wp, C) padded at the bottom and right up to multiples of
+    ``window`` (rows, cols) with the (C,) vector ``fill`` (None: zeros); ``x`` itself when
+    no padding is needed."""
     b, h, w, c = x.shape
-    pad_h, pad_w = (-h) % window, (-w) % window
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    hp, wp = h + pad_h, w + pad_w
-    # (B, Hp/win, win, Wp/win, win, C) -> (B, Hp/win, Wp/win, win, win, C)
-    x = x.view(b, hp // window, window, wp // window, window, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, window, window, c), (hp, wp)
-
-
-def window_unpartition(
-    windows: torch.Tensor, window: int, padded: tuple[int, int], size: tuple[int, int]
-) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: (B * nWindows, win, win, C) -> (B, H, W, C)."""
-    hp, wp = padded
-    h, w = size
-    b = windows.shape[0] // ((hp // window) * (wp // window))
-    x = windows.view(b, hp // window, wp // window, window, window, -1)
-    x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)  # (B, Hp, Wp, C)
-    return x[:, :h, :w, :] if (hp > h or wp > w) else x
+    hp, wp = h + (-h) % window[0], w + (-w) % window[1]
+    if (hp, wp) == (h, w):
+        return x
+    out = x.new_empty(b, hp, wp, c)
+    fill = x.new_zeros(c) if fill is None else fill.to(x.dtype)
+    out[:, h:] = fill
+    out[:, :h, w:] = fill
+    out[:, :h, :w] = x
+    return out
 
 
 class Block(nn.Module):
@@ -194,15 +228,7 @@ class Block(nn.Module):
         self.window_size = window_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.norm1(x)
-        if self.window_size > 0:
-            size = (x.shape[1], x.shape[2])
-            x, padded = window_partition(x, self.window_size)
-            x = window_unpartition(self.attn(x), self.window_size, padded, size)
-        else:
-            x = self.attn(x)
-        x = shortcut + x
+        x = x + self.attn(self.norm1(x), self.window_size)
         return x + self.mlp(self.norm2(x))
 
 
