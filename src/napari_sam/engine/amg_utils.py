@@ -134,7 +134,13 @@ def stability_score(logits: torch.Tensor, mask_threshold: float, offset: float) 
     ``t - offset`` (the first lies inside the second); NaN for two empty masks."""
     inter = (logits > mask_threshold + offset).sum(-1, dtype=torch.int32).sum(-1)
     union = (logits > mask_threshold - offset).sum(-1, dtype=torch.int32).sum(-1)
-    return inter / union
+    return stability_from_counts(inter, union)
+
+
+def stability_from_counts(inside: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
+    """(...,) int32 pixel counts above ``t + offset`` and above ``t - offset`` -> (...,)
+    float32 stability score (their ratio; NaN for two empty masks)."""
+    return inside.to(torch.int32) / band.to(torch.int32)
 
 
 class StabilityBound:

@@ -32,6 +32,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from ..model.interrupt import raise_if_stopped
 from .amg_utils import (
     StabilityBound,
     batched_mask_to_box,
@@ -40,7 +41,7 @@ from .amg_utils import (
     generate_crop_boxes,
     is_box_near_crop_edge,
     nms,
-    stability_score,
+    stability_from_counts,
 )
 from .image import resized_shape, to_rgb_uint8
 from .label_image import masks_to_label_image
@@ -51,7 +52,7 @@ from .mask_set import (
     postprocess_small_regions,
     require_pycocotools,
 )
-from .predictor import ImageEmbedding, SamPredictor
+from .predictor import ImageEmbedding, SamPredictor, Stopped
 
 T = TypeVar("T")
 
@@ -175,6 +176,7 @@ class SamAutomaticMaskGenerator:
         *,
         embedding: ImageEmbedding | None = None,
         contrast_limits: tuple[float, float] | None = None,
+        cancel=None,
     ) -> Generator[Progress, None, MaskSet]:
         """The generation as a long job: yields :class:`Progress`, returns a :class:`MaskSet`.
 
@@ -184,6 +186,14 @@ class SamAutomaticMaskGenerator:
             embedding: the whole image's embedding, if already computed by this model (crop
                 layers >= 1 are always encoded here).
             contrast_limits: optional (low, high) mapped to 0..255 before encoding.
+            cancel: optional ``threading.Event``. Once it is set, the job raises
+                :class:`~napari_sam.engine.predictor.Stopped` within a decoder call or an
+                upsampling chunk (well under a second), wherever it is; so does a stop
+                check installed with :func:`~napari_sam.model.interrupt.stop_when` around
+                ``next(job)`` (the widget's job runner). Closing the generator between steps
+                also stops it. Nothing outside the job changes.
+        Raises:
+            Stopped: the job was cancelled.
         """
         rgb = to_rgb_uint8(image, contrast_limits)
         orig_size = rgb.shape[:2]
@@ -192,27 +202,29 @@ class SamAutomaticMaskGenerator:
                 f"expected an embedding of an image of size {orig_size}, "
                 f"got one of size {tuple(embedding.original_size)}"
             )
+        stop = _stop_check(cancel)
         crop_boxes, layer_idxs = self._crop_boxes(orig_size)
         batches = [-(-len(self.point_grids[i]) // self.points_per_batch) for i in layer_idxs]
         total = sum(batches) + len(crop_boxes) - (embedding is not None)
         done, parts = 0, []
         for k, (crop_box, layer_idx) in enumerate(zip(crop_boxes, layer_idxs)):
-            job = self._process_crop(rgb, crop_box, layer_idx, embedding if k == 0 else None)
+            job = self._process_crop(rgb, crop_box, layer_idx, embedding if k == 0 else None, stop)
             while True:
                 try:
                     message = next(job)
-                except StopIteration as stop:
-                    parts.append(stop.value)
+                except StopIteration as end:
+                    parts.append(end.value)
                     break
                 done += 1
                 yield Progress(done, total, f"crop {k + 1}/{len(crop_boxes)}: {message}")
+        stop()
         data = MaskSet.concat(orig_size, parts)
         if len(crop_boxes) > 1:  # duplicates between crops: prefer masks from smaller crops
             scores = 1 / box_area(torch.from_numpy(data.crop_boxes))
             data = data.filter(nms(torch.from_numpy(data.boxes).float(), scores, self.crop_nms_thresh).numpy())
         if self.min_mask_region_area > 0:
             nms_thresh = max(self.box_nms_thresh, self.crop_nms_thresh)
-            data = postprocess_small_regions(data, self.min_mask_region_area, nms_thresh)
+            data = postprocess_small_regions(data, self.min_mask_region_area, nms_thresh, stop)
         return data
 
     # ------------------------------------------------------------------ internals
@@ -232,13 +244,15 @@ class SamAutomaticMaskGenerator:
         return [b for b, _ in kept], [layer for _, layer in kept]
 
     def _process_crop(
-        self, rgb: np.ndarray, crop_box: list[int], layer_idx: int, embedding: ImageEmbedding | None
+        self, rgb: np.ndarray, crop_box: list[int], layer_idx: int, embedding: ImageEmbedding | None, stop
     ) -> Generator[str, None, MaskSet]:
         """Masks of one crop, in image coordinates, after NMS within the crop."""
         x0, y0, x1, y1 = crop_box
         crop_size = (y1 - y0, x1 - x0)
         if embedding is None:
-            embedding = self.predictor.encode_image(np.ascontiguousarray(rgb[y0:y1, x0:x1]))
+            # the encoder checks the event (or an enclosing stop_when) between its blocks
+            crop = np.ascontiguousarray(rgb[y0:y1, x0:x1])
+            embedding = self.predictor.encode_image(crop, cancel=stop.cancel)
             yield "encoded"
         self.predictor.set_embedding(embedding)
         bound = None
@@ -252,7 +266,7 @@ class SamAutomaticMaskGenerator:
         try:
             for start in range(0, n, self.points_per_batch):
                 batch = points_xy[start : start + self.points_per_batch]
-                parts.append(self._process_batch(batch, crop_box, rgb.shape[:2], bound))
+                parts.append(self._process_batch(batch, crop_box, rgb.shape[:2], bound, stop))
                 yield f"points {min(start + self.points_per_batch, n)}/{n}"
         finally:
             self.predictor.reset_image()
@@ -266,8 +280,10 @@ class SamAutomaticMaskGenerator:
         return data
 
     @torch.inference_mode()
-    def _process_batch(self, points_xy: np.ndarray, crop_box, orig_size, bound) -> MaskSet:
-        """Decode (B, 2) crop-pixel points; keep masks passing the filters.
+    def _process_batch(self, points_xy: np.ndarray, crop_box, orig_size, bound, stop) -> MaskSet:
+        """Decode (B, 2) crop-pixel points; keep masks passing the filters. ``stop()`` raises
+        :class:`Stopped` once the job is cancelled: it is called between decoder calls and
+        upsampling chunks, each well under a second.
 
         Returns a MaskSet with boxes and points in crop coordinates, masks in image coordinates.
         """
@@ -279,39 +295,53 @@ class SamAutomaticMaskGenerator:
         coords = torch.as_tensor(pred.transform.apply_coords(points_xy, crop_size), dtype=torch.float32)
         coords = coords.to(pred.device)[:, None]  # (B, 1, 2)
         labels = torch.ones(coords.shape[:2], dtype=torch.int, device=pred.device)  # (B, 1)
-        decoded = [
-            pred.decode_low_res(coords[i : i + self.decode_chunk], labels[i : i + self.decode_chunk])
-            for i in range(0, len(coords), self.decode_chunk)
-        ]
-        low_res = torch.cat([d[0] for d in decoded])  # (B, 3, h, w)
-        iou = torch.cat([d[1] for d in decoded])  # (B, 3)
-        n_masks = low_res.shape[1]
-        low_res, iou = low_res.flatten(0, 1), iou.flatten(0, 1).float().cpu()  # (B*3, h, w), (B*3,)
-
-        candidates = torch.arange(len(iou))
+        # masks are made only for prompts with a mask above the IoU threshold (the
+        # reference keeps masks with iou > thresh, and none when thresh is 0)
+        min_iou = self.pred_iou_thresh if self.pred_iou_thresh > 0 else -math.inf
+        prompts, low_res, iou = [], [], []
+        for i in range(0, len(coords), self.decode_chunk):
+            stop()
+            rows, low, scores = pred.decode_low_res_above(
+                coords[i : i + self.decode_chunk], labels[i : i + self.decode_chunk], min_iou
+            )
+            prompts.append(rows.cpu() + i)
+            low_res.append(low)
+            iou.append(scores.float().cpu())
+        stop()
+        iou = torch.cat(iou)  # (B, K)
+        n_masks = iou.shape[1]
+        low_res = torch.cat(low_res).flatten(0, 1)  # (P*K, h, w) of the P prompts kept
+        # flat index (prompt * K + k) of each decoded mask, in the reference's order
+        decoded = (torch.cat(prompts)[:, None] * n_masks + torch.arange(n_masks)).flatten()
+        iou = iou.flatten()  # (B*K,)
+        position = torch.arange(len(decoded))  # row in low_res
         if self.pred_iou_thresh > 0:
-            candidates = candidates[iou > self.pred_iou_thresh]
-        if bound is not None and len(candidates):
-            upper = bound.upper(low_res[candidates], threshold, offset).cpu()
-            candidates = candidates[upper >= self.stability_score_thresh - 1e-6]  # float32 slack
+            position = position[iou[decoded] > self.pred_iou_thresh]
+        if bound is not None and len(position):
+            upper = bound.upper(low_res[position], threshold, offset).cpu()
+            position = position[upper >= self.stability_score_thresh - 1e-6]  # float32 slack
 
         h, w = crop_size
         chunk = max(1, self.upsample_budget // (model.image_size**2 + h * w))
         kept, masks, boxes, scores = [], [], [], []
-        for start in range(0, len(candidates), chunk):
-            idx = candidates[start : start + chunk]
-            logits = model.postprocess_masks(low_res[idx][:, None], pred.input_size, crop_size)[:, 0]
-            stability = stability_score(logits, threshold, offset).cpu()
+        for start in range(0, len(position), chunk):
+            stop()
+            idx = position[start : start + chunk]
+            above_hi, above_lo, binary = _thresholded(
+                model, low_res[idx.to(low_res.device)][None], pred.input_size, crop_size,
+                [threshold + offset, threshold - offset, threshold],
+            )  # 3 x (k, h, w) bool
+            stability = stability_from_counts(_count(above_hi), _count(above_lo))
             ok = stability >= self.stability_score_thresh
             if self.stability_score_thresh <= 0:
                 ok = torch.ones_like(ok)
-            binary = logits[ok.to(logits.device)] > threshold  # (k, h, w)
+            binary = binary[ok.to(binary.device)]
             box = batched_mask_to_box(binary).cpu()
             edge_ok = ~is_box_near_crop_edge(box, crop_box, [0, 0, orig_size[1], orig_size[0]])
             binary = binary[edge_ok.to(binary.device)].cpu().numpy()
             box = box[edge_ok]
             masks += [CompactMask.from_array(m, b, (x0, y0)) for m, b in zip(binary, box.tolist())]
-            kept.append(idx[ok][edge_ok])
+            kept.append(decoded[idx][ok][edge_ok])
             boxes.append(box)
             scores.append(stability[ok][edge_ok])
         if not kept:
@@ -326,6 +356,42 @@ class SamAutomaticMaskGenerator:
             points=points_xy[kept // n_masks],
             crop_boxes=np.zeros((len(kept), 4), np.int64),
         )
+
+
+class _stop_check:
+    """Called between steps: raises :class:`Stopped` once ``cancel`` (a threading.Event,
+    or None) is set or this thread's :func:`stop_when` check says so."""
+
+    def __init__(self, cancel) -> None:
+        self.cancel = cancel
+
+    def should_stop(self) -> bool:
+        if self.cancel is not None and self.cancel.is_set():
+            return True
+        try:
+            raise_if_stopped()
+        except Stopped:
+            return True
+        return False
+
+    def __call__(self) -> None:
+        if self.should_stop():
+            raise Stopped()
+
+
+def _thresholded(model, low_res, input_size, size, thresholds) -> list[torch.Tensor]:
+    """(1, k, h, w) low-res logits -> one (k, H, W) bool per threshold: the model's
+    ``postprocess_thresholded`` (interpolating near the borders only), else full logits."""
+    binary = getattr(model, "postprocess_thresholded", None)
+    if binary is not None:
+        return [m[0] for m in binary(low_res, input_size, size, thresholds)]
+    logits = model.postprocess_masks(low_res, input_size, size)[0]
+    return [logits > t for t in thresholds]
+
+
+def _count(masks: torch.Tensor) -> torch.Tensor:
+    """(k, H, W) bool -> (k,) int32 pixel counts."""
+    return masks.sum(dim=(-2, -1), dtype=torch.int32).cpu()
 
 
 # Layer i of crops adds 4**i crops, each encoded like a whole image: 3 layers already encode

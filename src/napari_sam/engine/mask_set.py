@@ -245,13 +245,16 @@ def _clean_mask(compact: CompactMask, image_size, min_area: int) -> tuple[np.nda
     return sub, (y0, x0), changed_h or changed_i
 
 
-def postprocess_small_regions(masks: MaskSet, min_area: int, nms_thresh: float) -> MaskSet:
+def postprocess_small_regions(masks: MaskSet, min_area: int, nms_thresh: float, stop=None) -> MaskSet:
     """The reference's clean-up: fill small holes, drop small islands, then box NMS
-    preferring unchanged masks (changed ones get score 0)."""
+    preferring unchanged masks (changed ones get score 0). ``stop``: called before each
+    mask (a cancelled job's check raises there)."""
     if len(masks) == 0:
         return masks
     new_masks, new_boxes, changed = [], [], []
     for compact in masks.masks:
+        if stop is not None:
+            stop()
         content, (oy, ox), was_changed = _clean_mask(compact, masks.image_size, min_area)
         cleaned = CompactMask.from_array(content, offset_xy=(ox, oy)) if was_changed else compact
         new_masks.append(cleaned)

@@ -343,20 +343,47 @@ class SamPredictor:
             corners = boxes.reshape(-1, 2, 2)  # (B, 2 corners, (x, y))
             sorted_ = torch.cat([corners.amin(dim=1), corners.amax(dim=1)], dim=1)  # (B, 4)
             boxes = sorted_.reshape(boxes.shape)
-        cache = None
-        if mask_input is None:
-            # prompt-independent decoder work, done once per image and reused by every
-            # later call; keyed on what it was computed from, so features replaced or
-            # modified in place by client code are never decoded against a stale cache
-            key = (getattr(self.model, "decoder_dtype", None), _tensor_version(self.features))
-            built = self._image_side
-            if built is None or built[0] is not self.features or built[1] != key:
-                built = (self.features, key, self.model.image_side_cache(self.features))
-                self._image_side = built
-            cache = built[2]
+        cache = None if mask_input is not None else self._image_side_cache()
         return self.model.decode(
             self.features, point_coords, point_labels, boxes, mask_input, multimask_output, cache
         )
+
+    def decode_low_res_above(
+        self,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        min_iou: float,
+        multimask_output: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`decode_low_res` of B point prompts keeping only the B' prompts with a
+        predicted IoU above ``min_iou`` (a model with ``decode_above`` skips the mask
+        upscaling of the others).
+
+        Returns:
+            prompt indices (B',) int64, their low-res logits (B', C, 4He, 4We), and the
+            IoU predictions of all prompts (B, C).
+        """
+        self._require_image()
+        decode_above = getattr(self.model, "decode_above", None)
+        if decode_above is None:
+            low_res, iou = self.decode_low_res(point_coords, point_labels, None, None, multimask_output)
+            rows = (iou > min_iou).any(dim=1).nonzero()[:, 0]
+            return rows, low_res[rows], iou
+        return decode_above(
+            self.features, point_coords, point_labels, min_iou, multimask_output, self._image_side_cache()
+        )
+
+    def _image_side_cache(self):
+        """The model's prompt-independent decoder work for the current features."""
+        # prompt-independent decoder work, done once per image and reused by every
+        # later call; keyed on what it was computed from, so features replaced or
+        # modified in place by client code are never decoded against a stale cache
+        key = (getattr(self.model, "decoder_dtype", None), _tensor_version(self.features))
+        built = self._image_side
+        if built is None or built[0] is not self.features or built[1] != key:
+            built = (self.features, key, self.model.image_side_cache(self.features))
+            self._image_side = built
+        return built[2]
 
 
 def _as_size(value) -> tuple[int, int] | None:

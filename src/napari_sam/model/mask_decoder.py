@@ -54,7 +54,8 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: Tensor,
         multimask_output: bool,
         cache: ImageSideCache | None = None,
-    ) -> tuple[Tensor, Tensor]:
+        min_iou: float | None = None,
+    ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
         """
         Args:
             image_embeddings: (1, C, He, We) embedding of one image.
@@ -65,8 +66,12 @@ class MaskDecoder(nn.Module):
             multimask_output: three masks (True) or the single-output mask (False).
             cache: ``transformer.image_side(image_embeddings + dense, image_pe)`` when the
                 dense embedding is shared; saves the prompt-independent first-layer work.
+            min_iou: if given, masks are upscaled only for the B' prompts with a predicted
+                IoU above it (the upscaling is most of a prompt's cost; the IoU is known
+                before it), and their indices are returned too.
         Returns:
-            masks (B, 3 or 1, 4He, 4We) logits, iou_pred (B, 3 or 1).
+            masks (B, 3 or 1, 4He, 4We) logits, iou_pred (B, 3 or 1); with ``min_iou``:
+            masks (B', 3 or 1, 4He, 4We), iou_pred (B, 3 or 1), prompt indices (B',) int64.
         """
         b = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
@@ -85,9 +90,15 @@ class MaskDecoder(nn.Module):
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, keep][:, i]) for i, mlp in enumerate(mlps)], dim=1
         )  # (B, K, C/8) for the K masks asked for
-        masks = self._upscale_and_project(src_tokens.reshape(b, h, w, c), hyper_in)
-        iou_pred = self.iou_prediction_head(iou_token_out)  # (B, M)
-        return masks, iou_pred[:, keep]
+        iou_pred = self.iou_prediction_head(iou_token_out)[:, keep]  # (B, K)
+        if min_iou is None:
+            return self._upscale_and_project(src_tokens.reshape(b, h, w, c), hyper_in), iou_pred
+        rows = (iou_pred > min_iou).any(dim=1).nonzero()[:, 0]  # (B',)
+        if len(rows) == 0:
+            return src_tokens.new_zeros(0, iou_pred.shape[1], 4 * h, 4 * w), iou_pred, rows
+        src_tokens = src_tokens.expand(b, -1, -1)[rows]  # (B', HW, C)
+        masks = self._upscale_and_project(src_tokens.reshape(len(rows), h, w, c), hyper_in[rows])
+        return masks, iou_pred, rows
 
     def _upscale_and_project(self, src: Tensor, hyper_in: Tensor) -> Tensor:
         """``hyper_in · output_upscaling(src)`` computed channels-last with matmuls.
@@ -113,11 +124,24 @@ class MaskDecoder(nn.Module):
         masks = masks.reshape(b, 2 * h, 2 * w, 2, 2, k).permute(0, 5, 1, 3, 2, 4)
         return masks.reshape(b, k, 4 * h, 4 * w)
 
-    @staticmethod
-    def _conv_transpose_2x2(x: Tensor, conv: nn.ConvTranspose2d) -> Tensor:
+    def _conv_transpose_2x2(self, x: Tensor, conv: nn.ConvTranspose2d) -> Tensor:
         """(B, H, W, Cin) -> (B, H, W, 2, 2, Cout): stride-2 2x2 transposed conv, per pixel."""
+        weight, bias = self._as_linear(conv)
+        out = F.linear(x, weight, bias)  # (B, H, W, 4*Cout)
+        return out.reshape(*x.shape[:3], 2, 2, conv.weight.shape[1])
+
+    def _as_linear(self, conv: nn.ConvTranspose2d) -> tuple[Tensor, Tensor]:
+        """The (4*Cout, Cin) weight, rows ordered (ky, kx, Cout), and (4*Cout,) bias of
+        ``conv`` as a linear layer. Reshaped once, not per call: cached on what they were
+        made from (tensor identity and in-place version: a load_state_dict, .to() or an
+        edit of the weights makes them again)."""
         cin, cout = conv.weight.shape[:2]
-        weight = conv.weight.permute(0, 2, 3, 1).reshape(cin, 4 * cout)  # (Cin, (ky, kx, Cout))
-        bias = conv.bias.repeat(4)
-        out = F.linear(x, weight.t(), bias)  # (B, H, W, 4*Cout)
-        return out.reshape(*x.shape[:3], 2, 2, cout)
+        if torch.is_grad_enabled() and conv.weight.requires_grad:  # training: no detached copy
+            return conv.weight.permute(2, 3, 1, 0).reshape(4 * cout, cin), conv.bias.repeat(4)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (conv.weight, conv.bias))
+        cached = self.__dict__.setdefault("_linear_cache", {}).get(id(conv))
+        if cached is None or cached[0] != key:
+            weight = conv.weight.detach().permute(2, 3, 1, 0).reshape(4 * cout, cin).contiguous()
+            cached = (key, weight, conv.bias.detach().repeat(4))
+            self._linear_cache[id(conv)] = cached
+        return cached[1], cached[2]

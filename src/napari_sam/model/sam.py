@@ -140,6 +140,37 @@ class Sam(nn.Module):
         Returns:
             low-res mask logits (B, K, 4He, 4We) float32 and IoU predictions (B, K).
         """
+        masks, iou = self._decode(
+            features, points_xy, point_labels, boxes_xyxy, mask_input, multimask_output, cache
+        )
+        return masks.float(), iou.float()
+
+    @torch.no_grad()
+    def decode_above(
+        self,
+        features: Tensor,
+        points_xy: Tensor,
+        point_labels: Tensor,
+        min_iou: float,
+        multimask_output: bool = True,
+        cache: ImageSideCache | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`decode` of B point prompts, with masks made only for the B' prompts with
+        a predicted IoU above ``min_iou`` (the mask upscaling is skipped for the others).
+
+        Returns:
+            prompt indices (B',) int64, their low-res logits (B', K, 4He, 4We) float32,
+            and the IoU predictions of all prompts (B, K) float32.
+        """
+        masks, iou, rows = self._decode(
+            features, points_xy, point_labels, None, None, multimask_output, cache, min_iou
+        )
+        return rows, masks.float(), iou.float()
+
+    def _decode(
+        self, features, points_xy, point_labels, boxes_xyxy, mask_input, multimask_output, cache,
+        min_iou=None,
+    ):
         points = None if points_xy is None else (points_xy, point_labels)
         with self._autocast(self.decoder_dtype):
             sparse, dense = self.prompt_encoder(points, boxes_xyxy, mask_input)
@@ -147,15 +178,16 @@ class Sam(nn.Module):
                 dense = dense[:1]  # identical for every prompt: share the image side
             else:
                 cache = None
-            masks, iou = self.mask_decoder(
+            extra = {} if min_iou is None else {"min_iou": min_iou}
+            return self.mask_decoder(
                 features,
                 None if cache is not None else self.prompt_encoder.get_dense_pe(),
                 sparse,
                 dense,
                 multimask_output,
                 cache,
+                **extra,
             )
-        return masks.float(), iou.float()
 
     @torch.no_grad()
     def forward(self, batched_input: list[dict], multimask_output: bool) -> list[dict]:
