@@ -109,7 +109,7 @@ class SliceEncoder:
         self._job_key, self.failed_key = key, None
         self._report(f"encoding '{layer.name}' ({plane.describe()})…")
         self.runner.start(job, desc=f"SAM: encoding '{layer.name}' ({plane.describe()})",
-                          on_done=self._on_encoded, on_error=self._on_error)
+                          on_done=self._on_encoded, on_error=self._on_error, on_cancel=self._on_cancelled)
         return False
 
     def _on_encoded(self, result) -> None:
@@ -122,6 +122,12 @@ class SliceEncoder:
 
     def _on_error(self, exc) -> None:
         self.failed_key = self._job_key
+
+    def _on_cancelled(self) -> None:
+        """Stopped by the user (within an encoder block): no automatic restart of this
+        slice, nor of one queued meanwhile; a prompt or an explicit request encodes again."""
+        self.failed_key, self._pending = self._job_key, False
+        self._report("encoding stopped: nothing cached; a prompt on this slice starts it again")
 
     def _on_busy_changed(self, busy: bool) -> None:
         if busy:

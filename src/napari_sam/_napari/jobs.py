@@ -6,10 +6,18 @@ store, segmenting everything, opening a store) runs through :class:`JobRunner`:
 * **inputs captured on the GUI thread**: the caller builds the generator (reading layers,
   contrast limits, parameters) before :meth:`JobRunner.start`; the worker thread only
   iterates it;
-* **progress**: napari's activity dock shows it, and so does the widget's own bar;
+* **progress**: on the widget's own bar and status line; napari's activity dock only for
+  jobs that ask (``activity=True``: model downloads, tile encoding), because its animated
+  "in progress" indicator repaints the whole window ~25 times a second, and where OpenGL is
+  software (VMs, remote desktops, Xvfb) each repaint blocks the GUI thread ~80 ms while
+  an encode runs (benchmarks/bench_gui_stall.py); a bar with no total shows 0 of 1, not an
+  animated busy indicator, for the same reason;
 * **cancel within a second**: :meth:`JobRunner.cancel` sets the job's ``threading.Event``
-  (the engine generators check it) and the runner stops at the next yield, closing the
-  generator (engine generators write nothing before they return, so nothing is half done);
+  (the engine generators check it); every step of the job runs under
+  ``stop_when(cancel.is_set)``, so an encoder pass inside a step stops at its next block
+  (``Stopped``, a cancelled outcome, never an error), else the runner stops at the next
+  yield, closing the generator (engine generators write nothing before they return, so
+  nothing is half done);
 * **errors never escape**: an exception in the worker becomes a message on the status line
   and a napari notification, never a traceback or a dead process;
 * **only current results are applied**: ``is_current()`` is asked on the GUI thread before
@@ -20,6 +28,8 @@ store, segmenting everything, opening a store) runs through :class:`JobRunner`:
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -27,6 +37,35 @@ from dataclasses import dataclass
 from typing import Any
 
 from psygnal import Signal
+
+from ..engine.predictor import Stopped, stop_when
+
+
+# How a job's worker thread runs, read at each job's start. Measured on a 2-core machine
+# (benchmarks/bench_gui_stall.py): with nothing animating on the GUI thread, neither a
+# lower priority (nice, per thread on Linux; torch's threads inherit it) nor one torch
+# thread fewer shortened the GUI's largest stall during an encode (one window repaint),
+# while nice made the encode 1.3-2x slower whenever other processes were busy. Both stay
+# settings for machines where that differs.
+BACKGROUND_NICE = 0  # > 0: the worker and the torch threads it starts run at this nice
+BACKGROUND_THREADS: int | None = None  # torch intra-op threads of a job (thread-local); None: torch's
+
+
+def _run_in_background() -> None:
+    """Make the calling worker thread (and the torch threads it starts) background work:
+    nice ``BACKGROUND_NICE`` on Linux (never raised back: that needs privileges), and
+    ``BACKGROUND_THREADS`` torch intra-op threads if set."""
+    if BACKGROUND_NICE and sys.platform.startswith("linux"):
+        tid = threading.get_native_id()
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < BACKGROUND_NICE:
+                os.setpriority(os.PRIO_PROCESS, tid, BACKGROUND_NICE)
+        except OSError:  # not allowed here: run at the GUI's priority
+            pass
+    if BACKGROUND_THREADS:
+        import torch
+
+        torch.set_num_threads(int(BACKGROUND_THREADS))
 
 
 @dataclass
@@ -49,19 +88,25 @@ class Job:
 
 
 def _iterate(gen: Generator, cancel: threading.Event, ended: threading.Event):
-    """The worker body: forward ``gen``'s yields, stop at the first yield after a cancel,
-    turn any exception into an :class:`_Outcome` (runs in the worker thread)."""
+    """The worker body: forward ``gen``'s yields; each step runs under
+    ``stop_when(cancel.is_set)``, so a long step (an encoder pass) stops within an encoder
+    block once cancelled (:class:`~napari_sam.model.interrupt.Stopped`), else the job stops
+    at its next yield; turn any exception into an :class:`_Outcome` (worker thread)."""
+    _run_in_background()
     try:
         while True:
             if cancel.is_set():
                 gen.close()
                 return _Outcome(cancelled=True)
             try:
-                item = next(gen)
+                with stop_when(cancel.is_set):
+                    item = next(gen)
             except StopIteration as stop:
                 if cancel.is_set():  # cancelled at the last step: still nothing is applied
                     return _Outcome(cancelled=True)
                 return _Outcome(result=stop.value)
+            except Stopped:  # cancelled inside a step: the generator is finished, nothing applied
+                return _Outcome(cancelled=True)
             yield item
     except Exception as exc:  # noqa: BLE001 - reported on the GUI thread, never raised
         return _Outcome(error=exc)
@@ -110,9 +155,11 @@ class JobRunner:
         on_error: Callable[[BaseException], None] | None = None,
         is_current: Callable[[], bool] | None = None,
         cancel: threading.Event | None = None,
+        activity: bool = False,
     ):
         """Run ``gen`` (a generator, or a function of the cancel event returning one) in a
         worker; ``on_done(result)`` runs on the GUI thread if ``is_current()`` still holds.
+        ``activity``: also show it in napari's activity dock (see the module docstring).
         Returns the worker, or None when another job is running (the user is told)."""
         from napari.qt.threading import create_worker
 
@@ -129,7 +176,7 @@ class JobRunner:
         if total:
             progress["total"] = int(total)
         worker = create_worker(_iterate, gen, cancel, ended, _start_thread=False,
-                               _ignore_errors=True, _progress=progress)
+                               _ignore_errors=True, _progress=progress if activity else None)
         job = Job(desc, worker, cancel, ended)
         if on_yield is not None:
             worker.yielded.connect(lambda item: self._guarded(job, on_yield, item))
@@ -139,7 +186,7 @@ class JobRunner:
         worker.errored.connect(lambda exc: self._finish(job, _Outcome(error=exc), None, None, on_error, None))
         worker.finished.connect(lambda: self._release(job))
         if self._bar is not None:
-            self._bar.setRange(0, max(int(total), 0))  # 0, 0: busy indicator
+            self._bar.setRange(0, max(int(total), 1))  # never 0, 0: an animated busy indicator
             self._bar.setValue(0)
         self.job = job
         worker.start()
@@ -217,7 +264,7 @@ class JobRunner:
             self._report(f"progress display failed: {type(exc).__name__}: {exc}")
 
     def cancel(self) -> None:
-        """Ask the running job to stop (it does at its next progress step)."""
+        """Ask the running job to stop (within an encoder block, else at its next step)."""
         if self.job is not None:
             self.job.cancel.set()
 

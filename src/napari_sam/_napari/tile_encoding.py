@@ -119,7 +119,8 @@ class TileEncoder:
         self.runner.start(lambda cancel: self._job(source, cancel),
                           desc=f"SAM: encoding tiles of '{source.source.name}'",
                           on_yield=self._on_yield, on_done=lambda n: None, on_error=self._on_error,
-                          on_cancel=lambda: self._report("tile encoding stopped (prompts start it again)"))
+                          on_cancel=lambda: self._report("tile encoding stopped (prompts start it again)"),
+                          activity=True)
 
     def _on_yield(self, item) -> None:
         source, k = item

@@ -340,7 +340,7 @@ class SegmentAnythingWidget(QWidget):
 
         self.segmenter.report(f"loading {model_type}…")
         return self.loader.start(job, desc=f"SAM: loading {model_type}", on_yield=self._on_download,
-                                 on_done=done, on_cancel=cancelled)
+                                 on_done=done, on_cancel=cancelled, activity=True)
 
     def _on_download(self, progress) -> None:
         """A :class:`~napari_sam.engine.weights.DownloadProgress`: size and speed in the
