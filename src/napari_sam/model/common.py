@@ -2,8 +2,81 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+T = TypeVar("T")
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The low precision autocast runs matmuls in on ``device_type`` now; None when off."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    return None if dtype == torch.float32 else dtype
+
+
+class DerivedFromParameters:
+    """One value computed from some parameters (a low-precision copy, BatchNorm folded into a
+    conv), kept while they are unchanged and remade when they change.
+
+    A change is a new storage (``.to``, ``.half()``, assigning a new Parameter) or an
+    in-place write through the tensor (``load_state_dict``, ``optimizer.step``), which bumps
+    its version counter; writes through ``.data`` are not seen. The value is made without
+    autograd: use it only when autograd is off.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value = None
+
+    def get(self, sources: tuple[torch.Tensor | None, ...], variant, make: Callable[[], T]) -> T:
+        """``make()``, or its value from an earlier call with the same ``variant`` and
+        unchanged ``sources``."""
+        if any(t is not None and t.is_inference() for t in sources):
+            return make()  # inference tensors have no version counter to watch
+        key = (variant,) + tuple(
+            None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources
+        )
+        if key != self._key:
+            # a normal tensor even inside inference_mode, so it stays usable outside it
+            with torch.inference_mode(False), torch.no_grad():
+                self._value = make()
+            self._key = key
+        return self._value
+
+    def clear(self) -> None:
+        """Forget the value (for changes the version counters miss)."""
+        self._key = self._value = None
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state dict) whose weight and bias, under autocast
+    to a low precision with autograd off, are cast once and reused by every later call.
+
+    Autocast alone casts the float32 parameters again in every autocast region (every
+    encode: ~90 M values for vit_b). The float32 parameters stay the master copy: the cast
+    copy is remade when they change (see :class:`DerivedFromParameters`).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._cast = DerivedFromParameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = autocast_dtype(x.device.type)
+        if dtype is None or torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        weight, bias = self._cast.get(
+            (self.weight, self.bias),
+            dtype,
+            lambda: (self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype)),
+        )
+        return F.linear(x, weight, bias)
 
 
 class LayerNorm2d(nn.Module):
@@ -34,8 +107,8 @@ class MLPBlock(nn.Module):
 
     def __init__(self, embedding_dim: int, mlp_dim: int, act: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
-        self.lin1 = nn.Linear(embedding_dim, mlp_dim)
-        self.lin2 = nn.Linear(mlp_dim, embedding_dim)
+        self.lin1 = Linear(embedding_dim, mlp_dim)
+        self.lin2 = Linear(mlp_dim, embedding_dim)
         self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

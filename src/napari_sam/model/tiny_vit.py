@@ -21,8 +21,9 @@ Implementation notes (inference only; no drop-path or checkpointing):
   it, and the tokens of the attention stages are (B, H, W, C) tensors that the convolutions
   see through a permuted view (a channels-last (B, C, H, W) tensor), without a copy.
 - In eval mode every conv+BN pair is run as one convolution whose weight and bias are the
-  BN-folded ones, recomputed on each call from the stored parameters (mathematically the
-  same as conv followed by BN in eval mode; the module keeps the separate ``c``/``bn`` names).
+  BN-folded ones (mathematically the same as conv followed by BN in eval mode; the module
+  keeps the separate ``c``/``bn`` names). With autograd off they are folded once (and cast
+  once under autocast) and reused until the parameters or statistics change.
 - Attention runs through ``F.scaled_dot_product_attention`` with the bias as a float mask.
 """
 
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import DerivedFromParameters, LayerNorm2d, Linear, autocast_dtype
 from .interrupt import raise_if_stopped
 
 
@@ -65,21 +66,41 @@ class Conv2dBN(nn.Module):
         )
         self.bn = nn.BatchNorm2d(out_chans)
         self.pointwise = kernel_size == 1 and stride == 1 and groups == 1
+        self._cache = DerivedFromParameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
+            # the BN kernel updates its running statistics without bumping their versions
+            self._cache.clear()
             return self.bn(self.c(x))
-        # Eval-mode BN is y = (conv(x) - mean) * g / sqrt(var + eps) + b: fold it into the conv.
-        bn, c = self.bn, self.c
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C_out,)
-        weight = c.weight * scale[:, None, None, None]  # (C_out, C_in/groups, k, k)
-        bias = bn.bias - bn.running_mean * scale  # (C_out,)
+        weight, bias = self._folded(x.device.type)
         if self.pointwise:
             # a 1x1 conv is a matmul over channels: (B, C_in, H, W) -> (B, H, W, C_in) view of
             # the channels-last memory -> (B, H, W, C_out) -> (B, C_out, H, W) channels-last
             y = F.linear(x.permute(0, 2, 3, 1), weight[:, :, 0, 0], bias)
             return y.permute(0, 3, 1, 2)
+        c = self.c
         return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
+
+    def _folded(self, device_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-mode BN folded into the conv: weight (C_out, C_in/groups, k, k), bias (C_out,).
+
+        With autograd off, made once (in autocast's low precision when it is on) and reused
+        until a parameter or running statistic changes."""
+        if torch.is_grad_enabled():
+            return self._fold()
+        bn = self.bn
+        dtype = autocast_dtype(device_type)
+        sources = (self.c.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        return self._cache.get(sources, (dtype, bn.eps), lambda: self._fold(dtype))
+
+    def _fold(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # Eval-mode BN is y = (conv(x) - mean) * g / sqrt(var + eps) + b: fold it into the conv.
+        bn, c = self.bn, self.c
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C_out,)
+        weight = c.weight * scale[:, None, None, None]  # (C_out, C_in/groups, k, k)
+        bias = bn.bias - bn.running_mean * scale  # (C_out,)
+        return (weight, bias) if dtype is None else (weight.to(dtype), bias.to(dtype))
 
 
 class PatchEmbed(nn.Module):
@@ -164,8 +185,8 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.norm = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, window_size * window_size))
         self.register_buffer(
             "attention_bias_idxs", relative_offset_index(window_size), persistent=False
@@ -193,8 +214,8 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(_gelu_(self.fc1(self.norm(x))))
