@@ -1,9 +1,14 @@
 """Segment everything: reference ``SamAutomaticMaskGenerator`` vs ours, same random vit_b.
 
-    .venv/bin/python benchmarks/bench_automatic.py [--points 16 32] [--bf16] [--write]
+    .venv/bin/python benchmarks/bench_automatic.py [--points 16 32] [--repeats 2] [--bf16] [--write]
 
-Same weights (random vit_b, saved once as a checkpoint), same 1024x1024 image, the
-generator's default parameters. The embedding is computed first and not timed: we time
+Same weights (random vit_b, saved once as a checkpoint), same 1024x1024 image. The default
+thresholds keep no mask of a random-weight model (its predicted IoUs lie in about
+[-0.3, 0.25], its stability scores below 0.02), which leaves upsampling, NMS and record
+building unmeasured; so the thresholds are taken inside that distribution
+(:data:`THRESHOLDS`: dozens of masks survive). Random-weight masks are speckle whose box is
+the whole image, so any box NMS below 1 would keep one of them: ``box_nms_thresh=1.0``
+(NMS still runs, and drops nothing). The embedding is computed first and not timed: we time
 what comes after it (grid decoding, filters, NMS, mask records). Each run is a fresh
 process, so memory figures are its own: peak RSS of the whole process, and of the
 generation alone (the kernel's peak counter is reset after the embedding). Prints times,
@@ -17,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,10 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import peak_rss_mb, run_worker, write_section
+from common import cpu_name, peak_rss_mb, run_worker, write_section
 
 HERE = Path(__file__).resolve()
 IMAGE_SIZE = 1024
+#: inside the random model's score distribution: ~13% of predicted IoUs are above 0.2 and
+#: about half of those masks reach a stability of 0.005
+THRESHOLDS = dict(pred_iou_thresh=0.2, stability_score_thresh=0.005, box_nms_thresh=1.0)
 
 
 def make_image() -> np.ndarray:
@@ -79,7 +86,7 @@ def worker(impl: str, points: int, checkpoint: str, out: str) -> dict:
         sa = import_segment_anything()
         model = sa.sam_model_registry["vit_b"]()
         model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-        gen = sa.SamAutomaticMaskGenerator(model.eval(), points_per_side=points)
+        gen = sa.SamAutomaticMaskGenerator(model.eval(), points_per_side=points, **THRESHOLDS)
         gen.predictor.set_image(image)
         gen.predictor.set_image = lambda *a, **k: None  # keep the embedding computed above
         gen.predictor.reset_image = lambda: None
@@ -91,7 +98,7 @@ def worker(impl: str, points: int, checkpoint: str, out: str) -> dict:
         model = build_sam("vit_b", checkpoint=checkpoint, device="cpu", precision="fp32")
         model.decoder_dtype = torch.bfloat16 if impl == "ours-bf16" else None
         embedding = SamPredictor(model).encode_image(image)
-        gen = SamAutomaticMaskGenerator(model, points_per_side=points)
+        gen = SamAutomaticMaskGenerator(model, points_per_side=points, **THRESHOLDS)
         generate = lambda: run_to_end(gen.run(image, embedding=embedding)).to_records()  # noqa: E731
     rss_before, peak_before = _rss_mb("VmRSS"), peak_rss_mb()
     reset = _reset_peak()  # (this also resets getrusage's maxrss on Linux)
@@ -130,6 +137,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", type=int, nargs="+", default=[16, 32], help="points per side")
     parser.add_argument("--bf16", action="store_true", help="also ours with a bfloat16 mask decoder")
+    parser.add_argument("--repeats", type=int, default=1, help="alternating runs of each; the fastest is kept")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     parser.add_argument("--worker", nargs=4, metavar=("IMPL", "POINTS", "CHECKPOINT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -144,14 +152,16 @@ def main() -> None:
         checkpoint = make_checkpoint(Path(tmp))
         for points in args.points:
             results = {}
-            for impl in impls:
-                out = str(Path(tmp) / f"{impl}-{points}.npz")
-                results[impl] = run_worker(HERE, impl, str(points), checkpoint, out)
-                results[impl]["file"] = out
-                r = results[impl]
-                print(f"{points}x{points} {impl:9s} {r['seconds']:7.2f} s  {r['masks']:4d} masks  "
-                      f"generation peak {r['generation_peak_mb']:.0f} MiB  process peak {r['process_peak_mb']:.0f} MiB",
-                      flush=True)
+            for _ in range(args.repeats):  # alternating; the fastest run of each is kept
+                for impl in impls:
+                    out = str(Path(tmp) / f"{impl}-{points}.npz")
+                    r = run_worker(HERE, impl, str(points), checkpoint, out)
+                    r["file"] = out
+                    print(f"{points}x{points} {impl:9s} {r['seconds']:7.2f} s  {r['masks']:4d} masks  "
+                          f"generation peak {r['generation_peak_mb']:.0f} MiB  process peak {r['process_peak_mb']:.0f} MiB",
+                          flush=True)
+                    if impl not in results or r["seconds"] < results[impl]["seconds"]:
+                        results[impl] = r
             ref = results["ref"]
             rows.append(f"| {points}x{points} | reference | {ref['seconds']:.2f} | 1 | {ref['masks']} | | "
                         f"{ref['generation_peak_mb']:.0f} | {ref['process_peak_mb']:.0f} |")
@@ -164,12 +174,17 @@ def main() -> None:
                             f"{same} | {r['generation_peak_mb']:.0f} | {r['process_peak_mb']:.0f} |")
 
     lines = [
-        "## Segment everything (vit_b, random weights, 1024x1024, default thresholds)",
+        "## Segment everything (vit_b, random weights, 1024x1024, thresholds inside the random model's scores)",
         "",
-        f"`benchmarks/bench_automatic.py`; {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} threads, torch {torch.__version__}. Time after the embedding "
+        f"`benchmarks/bench_automatic.py`; {cpu_name()}, "
+        f"{os.cpu_count()} threads, torch {torch.__version__}. "
+        f"Thresholds {', '.join(f'{k}={v}' for k, v in THRESHOLDS.items())} (the defaults keep no "
+        "mask of random weights; their masks are speckle over the whole image, so box NMS below 1 "
+        "would keep one). Time after the embedding "
         "(grid decoding, filters, NMS, binary-mask records); peak RSS of the generation alone "
-        "(peak counter reset after the embedding) and of the whole process.",
+        "(peak counter reset after the embedding) and of the whole process; fastest of "
+        f"{args.repeats} alternating run(s) of each. "
+        "Same masks: same count and every reference mask matched with IoU >= 0.99.",
         "",
         "| grid | implementation | time (s) | ours / reference | masks | same masks | generation peak RSS (MiB) | process peak RSS (MiB) |",
         "|---|---|---|---|---|---|---|---|",

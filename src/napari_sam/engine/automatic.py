@@ -4,10 +4,13 @@
 records of ``segment_anything.SamAutomaticMaskGenerator`` (change the import and scripts
 keep working) and returns the same masks. What differs is how the work is done:
 
-* decoding a batch of grid points stops at the low-res logits (``decode_low_res``); the
-  predicted-IoU filter runs there, and an exact upper bound of the stability score
+* decoding a batch of grid points stops at the low-res logits, and the mask upscaling (most
+  of a prompt's decoder cost) runs only for prompts with a mask above the predicted-IoU
+  threshold (``decode_low_res_above``: the IoU is known before the upscaling); an exact upper
+  bound of the stability score
   (:class:`~napari_sam.engine.amg_utils.StabilityBound`) drops unstable masks before any
-  upsampling. Only the survivors are upsampled, a few at a time, for the exact score, box and
+  upsampling. Only the survivors are upsampled, a few at a time (at their borders only where
+  the logits are smooth: ``postprocess_thresholded``), for the exact score, box and
   crop-edge test, and then kept as bit-packed bounding-box crops (:class:`MaskSet`), so memory
   stays bounded whatever the grid size;
 * NMS is our own greedy vectorised code (no torchvision), small-region clean-up uses
@@ -15,7 +18,8 @@ keep working) and returns the same masks. What differs is how the work is done:
 * :meth:`SamAutomaticMaskGenerator.run` is a generator that yields :class:`Progress` and
   returns the :class:`MaskSet` — stop iterating to cancel; nothing outside it changes. It
   accepts an :class:`~napari_sam.engine.predictor.ImageEmbedding` computed elsewhere (e.g.
-  by the interactive widget) so the image is not encoded twice;
+  by the interactive widget) so the image is not encoded twice; a cancel (``cancel=Event``
+  or the job runner's ``stop_when``) acts between decoder calls and upsampling chunks;
 * stacks (and the AIS / APG modes) go through
   :class:`napari_sam.engine.instances.SamInstanceSegmenter`, whose ``stack_job`` runs any
   mode slice by slice and links the objects of consecutive slices into one id each.

@@ -45,7 +45,10 @@ class Attention(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Attention on already projected, head-split tensors (B, heads, N, d) -> (B, Nq, C)."""
         d = q.shape[-1]
-        attn = torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(d), dim=-1)
+        if q.shape[-2] < k.shape[-2]:  # scale the few queries, not the (Nq, Nk) logits
+            attn = torch.softmax(q * (1 / math.sqrt(d)) @ k.transpose(-2, -1), dim=-1)
+        else:
+            attn = torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(d), dim=-1)
         out = attn @ v  # (B, heads, Nq, d)
         b, heads, nq, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, nq, heads * d))
@@ -77,10 +80,11 @@ class Attention(nn.Module):
         heads = self.num_heads
         q = self.split_heads(self.q_proj(tokens))  # (B, h, T, d)
         d = q.shape[-1]
-        # <q, Wk x + bk> = <Wk^T q, x> + const per query: the constant cancels in softmax
-        qk = torch.einsum("bhtd,hdc->bhtc", q, self._head_weights(self.k_proj))
+        # <q, Wk x + bk> = <Wk^T q, x> + const per query: the constant cancels in softmax;
+        # the softmax scale goes into the few token rows, not the (hT, N) logits
+        qk = torch.einsum("bhtd,hdc->bhtc", q * (1 / math.sqrt(d)), self._head_weights(self.k_proj))
         logits = qk.reshape(b, heads * t, -1) @ image_k.transpose(1, 2)  # (B, hT, N)
-        attn = torch.softmax(logits / math.sqrt(d), dim=-1)
+        attn = torch.softmax(logits, dim=-1)
         # attn @ (x Wv^T + bv) = (attn @ x) Wv^T + bv, as attention rows sum to 1
         mixed = (attn @ image_v).reshape(b, heads, t, -1)  # (B, h, T, C)
         out = torch.einsum("bhtc,hdc->bhtd", mixed, self._head_weights(self.v_proj))
@@ -110,19 +114,23 @@ class Attention(nn.Module):
         heads = self.num_heads
         k = self.split_heads(self.k_proj(tokens_k))  # (B, h, T, d)
         d = k.shape[-1]
+        k = k * (1 / math.sqrt(d))  # the softmax scale, on the few keys
+        # logits laid out (B, h, T, N): the softmax over the T tokens then runs along
+        # contiguous rows of N image tokens (a softmax over rows of 7 is slow)
         if projected_q is not None:
-            logits = (projected_q @ k.transpose(-2, -1)).permute(0, 2, 1, 3)  # (B, N, h, T)
+            logits = k @ projected_q.transpose(-2, -1)  # (B, h, T, N)
         else:
             kq = torch.einsum("bhtd,hdc->bhtc", k, self._head_weights(self.q_proj))
             bias = torch.einsum("bhtd,hd->bht", k, self.q_proj.bias.reshape(heads, d))
-            logits = image_q @ kq.reshape(b, heads * t, -1).transpose(1, 2)  # (B, N, hT)
-            logits = (logits + bias.reshape(b, 1, heads * t)).reshape(b, -1, heads, t)
-        attn = torch.softmax(logits / math.sqrt(d), dim=-1)  # (B, N, h, T)
+            logits = kq.reshape(b, heads * t, -1) @ image_q.transpose(1, 2)  # (B, hT, N)
+            logits = (logits + bias.reshape(b, heads * t, 1)).reshape(b, heads, t, -1)
+        attn = torch.softmax(logits, dim=2)  # (B, h, T, N)
         v = self.split_heads(self.v_proj(tokens_v))  # (B, h, T, d)
         # out_proj folded into the values: (h, T) token rows of width C
         w_out = self.out_proj.weight.reshape(-1, heads, d)  # (C, h, d)
         vo = torch.einsum("bhtd,chd->bhtc", v, w_out).reshape(b, heads * t, -1)
-        return attn.reshape(b, -1, heads * t) @ vo + self.out_proj.bias
+        out = attn.reshape(b, heads * t, -1).transpose(1, 2) @ vo  # (B, N, C)
+        return out + self.out_proj.bias
 
 
 @dataclass
@@ -250,8 +258,9 @@ class TwoWayTransformer(nn.Module):
 
     def image_side(self, image_embedding: Tensor, image_pe: Tensor) -> ImageSideCache:
         """Prompt-independent first-layer work for (1, C, H, W) image tokens (reusable)."""
+        # contiguous (HW, C) rows: every prompt adds them to its own image tokens
         return self.layers[0].image_side(
-            self.flatten_image(image_embedding), self.flatten_image(image_pe)
+            self.flatten_image(image_embedding).contiguous(), self.flatten_image(image_pe).contiguous()
         )
 
     def forward(
