@@ -51,7 +51,7 @@ def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> 
 # Size of one tile of the additive bias of attention, in values (16 MiB in float32). The
 # bias of a global vit_b block is (12 heads, 4096, 4096): 800 MB if built whole, written
 # once and read once by the attention kernel. Built one tile at a time into one reused
-# buffer, it stays in the CPU's cache between being written and being read.
+# buffer, it stays in the last-level cache between being written and being read.
 _BIAS_TILE_VALUES = 1 << 22
 
 
@@ -99,8 +99,9 @@ def _attention_with_rel_pos(
     bias_h = torch.einsum("bhwc,hkc->bhwk", q_grid, table_h)  # (B, H, W, H) over key rows
     bias_w = torch.einsum("bhwc,wkc->bhwk", q_grid, table_w)  # (B, H, W, W) over key cols
     seqs, rows = _bias_tile_shape(b, h, w)
-    # out= writes cannot be differentiated: with autograd on, each tile is a fresh tensor
-    reuse = not (torch.is_grad_enabled() and bias_h.requires_grad)
+    # autograd keeps each tile's mask (and cannot differentiate out= writes): with it on,
+    # each tile is a fresh tensor
+    reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias_h)))
     buffer = q.new_empty(seqs * rows * w * n) if reuse else None
     q4, k4, v4 = q[:, None], k[:, None], v[:, None]  # (B, 1, HW, d): one "head" per sequence
     out = q.new_empty(b, n, d)
