@@ -237,6 +237,7 @@ def test_gui_stays_responsive_while_encoding(viewer, make_widget, qtbot):
     img, truth = objects_2d()
     layer = viewer.add_image(img, name="img")
     widget = make_widget()
+    qtbot.wait(200)  # the new layers' first draw (shader builds, seconds on llvmpipe) is not the encode's
     ticks = []
     timer = QTimer()
     timer.setInterval(20)

@@ -103,12 +103,14 @@ class Prediction:
         crops = self.crops(rank)
         return crops.reshape(len(crops), -1).sum(axis=1)
 
-    def ids(self, rank: int = 0, last_wins: bool = False) -> tuple[np.ndarray, tuple[int, int]] | None:
+    def ids(self, rank: int = 0, last_wins: bool = False,
+            crop: bool = False) -> tuple[np.ndarray, tuple[int, int]] | None:
         """The objects as (h, w) int32 ids 1..K (0 = none) over their region, and the
         region's (row, col) offset in the plane; None when every mask is empty. The region:
-        the whole plane (untiled); the frames (tiles) of the non-empty objects, or only
-        their masks' bounding box when those frames lie far apart (tiled). Where objects
-        overlap, the first wins (``last_wins``: the last, a later prompt painting over)."""
+        the whole plane (untiled; ``crop``: the masks' bounding box); the frames (tiles) of
+        the non-empty objects, or only their masks' bounding box when those frames lie far
+        apart (tiled). Where objects overlap, the first wins (``last_wins``: the last, a
+        later prompt painting over)."""
         crops = self.crops(rank)
         offsets = np.zeros((len(crops), 2), int) if not self.tiled else np.asarray(self.offsets_rc, int)
         boxes = [_bbox(m, o) for m, o in zip(crops, offsets)]
@@ -122,6 +124,9 @@ class Prediction:
             if (r1 - r0) * (c1 - c0) > 4 * fh * fw:  # frames far apart: the masks' region only
                 r0, r1 = min(b[0] for b in boxes if b), max(b[1] for b in boxes if b)
                 c0, c1 = min(b[2] for b in boxes if b), max(b[3] for b in boxes if b)
+        elif crop:  # e.g. the preview: no plane-sized array per click
+            r0, r1 = min(b[0] for b in boxes if b), max(b[1] for b in boxes if b)
+            c0, c1 = min(b[2] for b in boxes if b), max(b[3] for b in boxes if b)
         else:
             (r0, c0), (r1, c1) = (0, 0), self.plane.shape_hw
         ids = np.zeros((r1 - r0, c1 - c0), dtype=np.int32)

@@ -160,6 +160,7 @@ def ensure_preview_layer(viewer, image, plane: SlicePlane, region=None) -> Label
         layer.translate = translate
     if not new and layer.data.shape != shape:
         layer.data = np.zeros(shape, dtype=np.uint8)
+        layer.metadata["napari_sam_drawn"] = (0, 0, 0, 0)
     layer.metadata["napari_sam_plane"] = plane
     layer.metadata["napari_sam_region"] = (r0, c0, h, w)
     if new:  # add it placed: the viewer's extent and slider never jump
@@ -180,16 +181,31 @@ def preview_plane_view(layer: Labels, plane: SlicePlane) -> np.ndarray:
     return view.T if plane.axes_rc[0] > plane.axes_rc[1] else view
 
 
-def show_preview(layer: Labels, plane: SlicePlane, ids_hw: np.ndarray | None) -> None:
-    """Write (H, W) object ids (0 = none) into the preview and refresh it; None clears."""
+def show_preview(layer: Labels, plane: SlicePlane, ids_hw: np.ndarray | None, offset_rc=(0, 0)) -> None:
+    """Write (h, w) object ids (0 = none) into the preview at ``offset_rc`` (row, col) of
+    its plane view and refresh it; None clears. Only the box written last time and the
+    new box are touched (a click changes a mask, not the plane); the refresh skips the
+    thumbnail, extent and highlight, which a live preview does not need."""
     view = preview_plane_view(layer, plane)
+    drawn = layer.metadata.get("napari_sam_drawn")  # (r0, r1, c0, c1) written last, if known
+    if drawn is not None and (drawn[1] > view.shape[0] or drawn[3] > view.shape[1]):
+        drawn = None  # not this layer's data any more: clear it all
     if ids_hw is None:
-        if not view.any():
+        if drawn is None and not view.any():
             return
-        view[...] = 0
+        clear = (slice(drawn[0], drawn[1]), slice(drawn[2], drawn[3])) if drawn is not None else ...
+        view[clear] = 0
+        layer.metadata["napari_sam_drawn"] = (0, 0, 0, 0)
     else:
-        view[...] = ids_hw
-    try:  # the thumbnail and extent do not matter for a live preview: skip them
+        r0, c0 = (int(v) for v in offset_rc)
+        box = (r0, r0 + ids_hw.shape[0], c0, c0 + ids_hw.shape[1])
+        if drawn is None:
+            view[...] = 0
+        else:
+            view[drawn[0] : drawn[1], drawn[2] : drawn[3]] = 0
+        view[box[0] : box[1], box[2] : box[3]] = ids_hw
+        layer.metadata["napari_sam_drawn"] = box
+    try:
         layer.refresh(thumbnail=False, extent=False, highlight=False)
     except TypeError:  # napari without refresh options
         layer.refresh()

@@ -355,17 +355,19 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
             elif preview is not None and preview.data.any():
                 preview.data = np.zeros_like(preview.data)
             return
-        placed = prediction.ids(self.rank)
+        placed = prediction.ids(self.rank, crop=not prediction.tiled)  # the masks' box: not the plane
         if placed is None:  # every mask is empty
             if preview is not None and preview.metadata.get("napari_sam_plane") == prediction.plane:
                 show_preview(preview, prediction.plane, None)
         else:
             ids, (r0, c0) = placed
-            region = (r0, c0, *ids.shape)
+            # the preview spans the plane (untiled) or the objects' region (tiled)
+            region = (r0, c0, *ids.shape) if prediction.tiled else (0, 0, *prediction.plane.shape_hw)
             if (preview is None or preview.metadata.get("napari_sam_plane") != prediction.plane
                     or tuple(preview.metadata.get("napari_sam_region", ())) != region):
                 preview = self._ensure_preview(prediction.plane, region)
-            show_preview(preview, prediction.plane, np.minimum(ids, 255).astype(np.uint8))
+            show_preview(preview, prediction.plane, np.minimum(ids, 255).astype(np.uint8),
+                         (r0 - region[0], c0 - region[1]))
         iou = prediction.chosen_iou(self.rank)
         pixels = prediction.pixels(self.rank)
         what = ", ".join(f"{p} px (IoU {q:.2f})" for p, q in zip(pixels, iou))
