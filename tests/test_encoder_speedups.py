@@ -8,11 +8,14 @@ from functools import partial
 
 import pytest
 import torch
-
 from reference_shim import import_segment_anything
 
 from napari_sam.model import image_encoder
-from napari_sam.model.image_encoder import Block, _attention_with_rel_pos, relative_position_table
+from napari_sam.model.image_encoder import (
+    Block,
+    _attention_with_rel_pos,
+    relative_position_table,
+)
 from napari_sam.model.interrupt import Stopped, stop_when
 
 
