@@ -129,3 +129,34 @@ def test_cancel_of_propagation_stops_inside_a_slice_encode(viewer, qtbot, make_w
     assert gate.blocks_run - blocks_before == GATE_BLOCK + 1  # the next slice's encode stopped
     np.testing.assert_array_equal(labels.data, before)
     assert "cancelled" in widget.status
+
+
+def test_preview_redrawn_in_place_matches_a_full_redraw(viewer, qtbot, tmp_path):
+    """Clicks update only the changed box of the preview (napari's partial label
+    update); what is drawn must equal a full redraw of the layer."""
+    from oracle import OracleSam
+    from test_napari_first_hour import click
+    from test_napari_widget import centroid, objects_2d
+
+    img, truth = objects_2d()
+    layer = viewer.add_image(img, name="cells")
+    widget = dock(viewer, "Segment Anything")
+    widget.set_model(OracleSam(image_size=256))
+    assert widget.encode_current_slice(wait=True)
+    viewer.layers["SAM points"].opacity = 0  # only the preview differs between the shots
+    viewer.reset_view()
+    qtbot.wait(50)
+    preview = viewer.layers["SAM preview"]
+    for k in (2, 3):  # a new object each time: the old box is cleared, the new one drawn
+        widget.clear()
+        click(viewer, qtbot, layer.data_to_world(centroid(truth == k)))
+        qtbot.wait(50)
+        np.testing.assert_array_equal(preview.data > 0, widget.current_masks[0])
+        partial = viewer.screenshot(str(tmp_path / f"partial{k}.png"), canvas_only=True, flash=False)
+        preview.refresh()
+        qtbot.wait(50)
+        full = viewer.screenshot(canvas_only=True, flash=False)
+        assert np.abs(partial.astype(int) - full.astype(int)).max() <= 1
+    widget.clear()
+    qtbot.wait(50)
+    assert not preview.data.any()

@@ -205,10 +205,53 @@ def show_preview(layer: Labels, plane: SlicePlane, ids_hw: np.ndarray | None, of
             view[drawn[0] : drawn[1], drawn[2] : drawn[3]] = 0
         view[box[0] : box[1], box[2] : box[3]] = ids_hw
         layer.metadata["napari_sam_drawn"] = box
+    changed = _union_box(drawn, layer.metadata["napari_sam_drawn"])
+    if changed is not None and _refresh_region(layer, plane, changed):
+        return
     try:
         layer.refresh(thumbnail=False, extent=False, highlight=False)
     except TypeError:  # napari without refresh options
         layer.refresh()
+
+
+def _union_box(a, b):
+    """The (r0, r1, c0, c1) box covering boxes ``a`` and ``b`` (empty ones ignored); None
+    when ``a`` is unknown."""
+    if a is None:
+        return None
+    boxes = [x for x in (a, b) if x[1] > x[0] and x[3] > x[2]]
+    if not boxes:
+        return (0, 0, 0, 0)
+    return (min(x[0] for x in boxes), max(x[1] for x in boxes), min(x[2] for x in boxes), max(x[3] for x in boxes))
+
+
+def _refresh_region(layer: Labels, plane: SlicePlane, box) -> bool:
+    """Redraw only ``box`` (r0, r1, c0, c1) of the preview's plane: napari's own partial
+    update for painted labels (the displayed slice's colours there, one sub-texture
+    upload) instead of re-slicing and uploading the whole plane. False (caller refreshes
+    everything) where that path does not apply: another napari, contours, 3D display, a
+    slice not yet loaded, or displayed axes other than the plane's (row, col)."""
+    r0, r1, c0, c1 = box
+    if r1 <= r0 or c1 <= c0:
+        return True  # nothing changed on screen
+    try:
+        displayed = tuple(layer._slice_input.displayed)
+        view = layer._slice.image.view
+        raw = layer._slice.image.raw
+        if (layer.contour != 0 or displayed != tuple(plane.axes_rc) or view.shape != raw.shape
+                or not layer.loaded or layer._updated_slice is not None):
+            return False
+        region = (slice(r0, r1), slice(c0, c1))
+        if raw.base is None and raw is not layer.data:  # a copy, not a view of the data: refresh
+            return False
+        view[region] = layer.colormap._data_to_texture(raw[region])
+        full = [slice(None)] * layer.ndim
+        full[plane.axes_rc[0]], full[plane.axes_rc[1]] = region
+        layer._updated_slice = tuple(full)
+        layer._partial_labels_refresh()
+        return True
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return False
 
 
 def read_points(points: Points, image, plane: SlicePlane) -> tuple[np.ndarray, np.ndarray, int]:
