@@ -44,14 +44,26 @@ class Attention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Attention on already projected, head-split tensors (B, heads, N, d) -> (B, Nq, C)."""
+        b, heads, nq, d = q.shape
+        if b > 1 and k.shape[0] == 1 and v.shape[0] == 1:
+            # one image for B prompts: (heads, B*Nq, d) queries against (heads, Nk, d), so
+            # the image's keys and values are not expanded (copied) B times by the matmuls
+            q_rows = q.transpose(0, 1).reshape(1, heads, b * nq, d)
+            out = self._softmax_attention(q_rows, k, v)[0]  # (heads, B*Nq, d)
+            out = out.reshape(heads, b, nq, d).transpose(0, 1)  # (B, heads, Nq, d)
+        else:
+            out = self._softmax_attention(q, k, v)  # (B, heads, Nq, d)
+        return self.out_proj(out.transpose(1, 2).reshape(b, nq, heads * d))
+
+    @staticmethod
+    def _softmax_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """softmax(q k^T / sqrt(d)) v for (B, heads, N, d) tensors -> (B, heads, Nq, d)."""
         d = q.shape[-1]
         if q.shape[-2] < k.shape[-2]:  # scale the few queries, not the (Nq, Nk) logits
             attn = torch.softmax(q * (1 / math.sqrt(d)) @ k.transpose(-2, -1), dim=-1)
         else:
             attn = torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(d), dim=-1)
-        out = attn @ v  # (B, heads, Nq, d)
-        b, heads, nq, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, nq, heads * d))
+        return attn @ v  # (B, heads, Nq, d)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return self.attend(
@@ -117,8 +129,10 @@ class Attention(nn.Module):
         k = k * (1 / math.sqrt(d))  # the softmax scale, on the few keys
         # logits laid out (B, h, T, N): the softmax over the T tokens then runs along
         # contiguous rows of N image tokens (a softmax over rows of 7 is slow)
-        if projected_q is not None:
-            logits = k @ projected_q.transpose(-2, -1)  # (B, h, T, N)
+        if projected_q is not None:  # (1, h, N, d): B*T key rows, the image not expanded
+            rows = k.transpose(0, 1).reshape(heads, b * t, d)
+            logits = rows @ projected_q[0].transpose(-2, -1)  # (h, B*T, N)
+            logits = logits.reshape(heads, b, t, -1).transpose(0, 1)  # (B, h, T, N) view
         else:
             kq = torch.einsum("bhtd,hdc->bhtc", k, self._head_weights(self.q_proj))
             bias = torch.einsum("bhtd,hd->bht", k, self.q_proj.bias.reshape(heads, d))
@@ -129,8 +143,8 @@ class Attention(nn.Module):
         # out_proj folded into the values: (h, T) token rows of width C
         w_out = self.out_proj.weight.reshape(-1, heads, d)  # (C, h, d)
         vo = torch.einsum("bhtd,chd->bhtc", v, w_out).reshape(b, heads * t, -1)
-        out = attn.reshape(b, heads * t, -1).transpose(1, 2) @ vo  # (B, N, C)
-        return out + self.out_proj.bias
+        attn = attn.reshape(b, heads * t, -1).transpose(1, 2)  # (B, N, hT)
+        return torch.baddbmm(self.out_proj.bias, attn, vo)  # (B, N, C), bias added in the matmul
 
 
 @dataclass

@@ -1,0 +1,51 @@
+"""What the decoder reuses between calls: masks only for confident prompts, and upscaler
+weights reshaped once but remade when the weights change."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from napari_sam import SamPredictor
+
+
+def predictor_with_image(model) -> SamPredictor:
+    rng = np.random.default_rng(0)
+    predictor = SamPredictor(model)
+    predictor.set_image((rng.random((200, 256, 3)) * 255).astype(np.uint8))
+    return predictor
+
+
+def test_decode_above_gives_the_masks_of_the_confident_prompts(tiny_sam):
+    predictor = predictor_with_image(tiny_sam)
+    coords = torch.rand(9, 1, 2, generator=torch.Generator().manual_seed(0)) * 250
+    labels = torch.ones(9, 1, dtype=torch.int)
+    with torch.inference_mode():
+        low_res, iou = predictor.decode_low_res(coords, labels)
+        threshold = float(iou.max(dim=1).values.median())  # about half the prompts pass
+        rows, kept, iou_above = predictor.decode_low_res_above(coords, labels, threshold)
+    expected = (iou > threshold).any(dim=1).nonzero()[:, 0]
+    assert 0 < len(rows) < 9 and torch.equal(rows, expected)
+    torch.testing.assert_close(iou_above, iou)
+    torch.testing.assert_close(kept, low_res[rows], rtol=0, atol=1e-5)
+
+
+def test_upscaler_weights_follow_load_state_dict(tiny_sam):
+    """The reshaped transposed-conv weights are cached; loading other weights must not
+    decode with the old ones."""
+    import copy
+
+    model = copy.deepcopy(tiny_sam)
+    predictor = predictor_with_image(model)
+    point, label = np.array([[100.0, 80.0]]), np.array([1])
+    _, _, before = predictor.predict(point, label)
+    state = model.state_dict()
+    conv = "mask_decoder.output_upscaling.3.weight"
+    state[conv] = state[conv] * -1.0
+    model.load_state_dict(state)
+    _, _, after = predictor.predict(point, label)
+    fresh = copy.deepcopy(model)
+    fresh.mask_decoder.__dict__.pop("_linear_cache", None)
+    _, _, expected = predictor_with_image(fresh).predict(point, label)
+    assert not np.allclose(before, after)
+    np.testing.assert_allclose(after, expected, rtol=0, atol=1e-5)
