@@ -26,6 +26,7 @@ its low-res decode alone give the floor the widget adds to.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -213,7 +214,7 @@ def run(model_type: str, size: int, clicks: int, precision: str) -> dict:
         floor = engine_floor(widget.session.predictor, size, 20)
         return {
             "model": model_type, "size": size, "clicks": clicks, "encode_s": encode_s,
-            "encoder_dtype": str(widget.session.model.encoder_dtype),
+            "encoder_dtype": str(getattr(widget.session.model, "encoder_dtype", None) or "float32"),
             "p50": percentile(totals, 50), "p95": percentile(totals, 95),
             "whole_p50": percentile(whole_plane, 50), "whole_p95": percentile(whole_plane, 95),
             "parts": {k: (percentile(v, 50), percentile(v, 95)) for k, v in parts.items()},
@@ -232,6 +233,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_before = " / ".join(f"{v:.1f}" for v in os.getloadavg())
     r = run(args.model, args.size, args.clicks, args.precision)
     rows = "".join(
         f"| {label} | {r['parts'][key][0]:.1f} | {r['parts'][key][1]:.1f} |\n" for key, label in PARTS)
@@ -241,7 +243,8 @@ def main() -> None:
         f"shown viewer (Xvfb, Mesa llvmpipe), {r['model']} with random weights, {r['size']}x{r['size']} image, "
         f"{r['clicks']} real mouse clicks (QTest press + release on the canvas; groups of 1-3 points), timed "
         f"from the press to the end of the canvas draw showing the preview. {cpu_name()}, torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads; encoder {r['encoder_dtype']} took "
+        f"{torch.__version__}, {torch.get_num_threads()} threads, load average before the run {load_before} "
+        f"(shared machine); encoder {r['encoder_dtype']} took "
         f"{r['encode_s']:.1f} s.\n\n"
         "| click -> drawn preview | p50 (ms) | p95 (ms) |\n|---|---|---|\n"
         f"| **total** | **{r['p50']:.1f}** | **{r['p95']:.1f}** |\n{rows}"
