@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve()
 IMAGE_SIZE = 1024
 #: inside the random model's score distribution: ~13% of predicted IoUs are above 0.2 and
 #: about half of those masks reach a stability of 0.005
-THRESHOLDS = dict(pred_iou_thresh=0.2, stability_score_thresh=0.005, box_nms_thresh=1.0)
+THRESHOLDS = {"pred_iou_thresh": 0.2, "stability_score_thresh": 0.005, "box_nms_thresh": 1.0}
 
 
 def make_image() -> np.ndarray:

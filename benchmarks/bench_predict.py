@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import cpu_name, median, percentile, write_section
 
 POINT = np.array([[400.0, 600.0]])
@@ -121,12 +120,14 @@ def main() -> None:
     table = "\n".join([
         "## One-point predict at 1024x1024 (vit_b, random weights, multimask, full-resolution masks)",
         "",
-        f"`benchmarks/bench_predict.py --calls {args.calls}`; {cpu_name()}, {args.threads} threads, "
-        f"torch {torch.__version__}. Reference and ours alternate call by call on the same embedding. "
-        "The random model's logits change sign in nearly every low-res cell (every tile is "
-        "interpolated); a real model's change sign only along object borders, as the smooth logits "
-        "of three nested discs do (only the tiles straddling 0 are interpolated; masks bit-identical "
-        f"to the full interpolation, checked). Mask pixels equal to the reference's: {agreement:.6f}.",
+        (
+            f"`benchmarks/bench_predict.py --calls {args.calls}`; {cpu_name()}, {args.threads} threads, "
+            f"torch {torch.__version__}. Reference and ours alternate call by call on the same embedding. "
+            "The random model's logits change sign in nearly every low-res cell (every tile is "
+            "interpolated); a real model's change sign only along object borders, as the smooth logits "
+            "of three nested discs do (only the tiles straddling 0 are interpolated; masks bit-identical "
+            f"to the full interpolation, checked). Mask pixels equal to the reference's: {agreement:.6f}."
+        ),
         "",
         "| step | p50 (ms) | p95 (ms) | p50 / reference predict p50 |",
         "|---|---|---|---|",

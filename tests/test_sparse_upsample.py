@@ -91,8 +91,8 @@ def test_predictor_masks_match_thresholded_logits(tiny_sam, shape):
     for points in ([[w * 0.3, h * 0.6]], [[w * 0.5, h * 0.5], [w * 0.9, h * 0.1]]):
         coords, labels = np.array(points), np.ones(len(points), dtype=int)
         for multimask in (True, False):
-            masks, iou, low = predictor.predict(coords, labels, multimask_output=multimask)
-            logits, iou2, low2 = predictor.predict(coords, labels, multimask_output=multimask, return_logits=True)
+            masks, _, low = predictor.predict(coords, labels, multimask_output=multimask)
+            logits, _, low2 = predictor.predict(coords, labels, multimask_output=multimask, return_logits=True)
             assert masks.dtype == bool and masks.shape == logits.shape == (3 if multimask else 1, h, w)
             assert masks.flags.c_contiguous
             np.testing.assert_array_equal(masks, logits > tiny_sam.mask_threshold)

@@ -95,13 +95,13 @@ def _sparse(
 ) -> list[Tensor] | None:
     """(N, h, w) logits -> one (N, h_in, w_in) bool per threshold; None when too many tiles
     straddle a threshold for windows to pay."""
-    n, h_low, w_low = low_res.shape
+    n = low_res.shape[0]
     h_in, w_in = input_size
     # tiles covering the cropped output: (ty, tx) = ceil(h_in / 4T), ceil(w_in / 4T)
     ty, tx = -(-h_in // (4 * TILE)), -(-w_in // (4 * TILE))
     # per tile, min and max over its support: its cells and one cell around (clipped)
     x = low_res[:, None]  # (N, 1, h, w)
-    pool = dict(kernel_size=TILE + 2, stride=TILE, padding=1, ceil_mode=True)
+    pool = {"kernel_size": TILE + 2, "stride": TILE, "padding": 1, "ceil_mode": True}
     hi = F.max_pool2d(x, **pool)[:, 0, :ty, :tx]  # (N, ty, tx)
     lo = -F.max_pool2d(-x, **pool)[:, 0, :ty, :tx]
     scale = torch.maximum(hi.amax(dim=(1, 2)), -lo.amin(dim=(1, 2))).reshape(n, 1, 1)  # max |logit| (N, 1, 1)
@@ -133,7 +133,7 @@ def _sparse(
     return results
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _windows_are_exact(device: torch.device) -> bool:
     """Whether this device's bilinear kernel gives a window's interior the very values of
     the full call (true of PyTorch's CPU kernel for outputs over 128 pixels high + wide)."""
