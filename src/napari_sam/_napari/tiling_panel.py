@@ -76,8 +76,8 @@ class TilingPanel(QGroupBox):
         form.addRow("Level", self._level)
         self._level_label = form.labelForField(self._level)
         if on_stop is not None:
-            self.stop_button = with_tip(QPushButton("Stop encoding"), "stop encoding tiles (a new prompt "
-                                                                     "starts again with its own tile)")
+            self.stop_button = with_tip(QPushButton("Stop encoding"), "stop encoding the slice or its tiles "
+                                                                     "(within a second); a new prompt starts again")
             self.stop_button.clicked.connect(on_stop)
             form.addRow(self.stop_button)
         form.addRow(self.status_label)
