@@ -80,9 +80,16 @@ class Prediction:
         if rank not in self._masks:
             chosen = torch.as_tensor(self.order[:, rank])
             low = self.low_res[torch.arange(len(chosen)), chosen][:, None]  # (K, 1, h, w)
+            size = self.frame_hw or self.plane.shape_hw
             with torch.inference_mode():
-                up = self.model.postprocess_masks(low, self.input_size, self.frame_hw or self.plane.shape_hw)
-            self._masks[rank] = (up[:, 0] > self.model.mask_threshold).cpu().numpy()
+                # bit-identical to thresholding the full upsample, but only the blocks near
+                # the mask's edge are interpolated; a model without it (a client's) upsamples all
+                binary = getattr(self.model, "postprocess_thresholded", None)
+                if binary is not None:
+                    up = binary(low, self.input_size, size)[0]
+                else:
+                    up = self.model.postprocess_masks(low, self.input_size, size) > self.model.mask_threshold
+            self._masks[rank] = up[:, 0].cpu().numpy()
         return self._masks[rank]
 
     def masks(self, rank: int = 0) -> np.ndarray:
