@@ -13,11 +13,11 @@ its 10 ms period are what a user feels as a frozen viewer (measured from the req
 
 * ``activity dock (before)``: the job also in napari's activity dock, as every job was
   before: its animated "in progress" indicator repaints the window ~25 times a second;
-* ``plain``: the job runner's default: the worker at the GUI's priority, all torch threads;
-* ``nice +10``: the worker thread and the torch threads it starts at nice 10 (Linux),
-  ``jobs.BACKGROUND_NICE``;
-* ``one fewer thread``: one torch thread fewer than cores (left for the GUI),
-  ``jobs.BACKGROUND_THREADS``.
+* ``plain``: the job runner's default: the worker at the GUI's priority, all torch threads.
+
+Two more variants were measured once (BENCHMARKS.md, gui-stall) and then removed with their
+settings: the worker at nice 10, and one torch thread fewer than cores; neither shortened
+the largest gap, and nice made the encode up to 2.3x slower on a busy machine.
 
 Variants alternate within one process (``--repeats`` rounds); each figure is the median
 over the rounds. ``--write`` updates BENCHMARKS.md (section gui-stall).
@@ -32,10 +32,9 @@ import time
 
 import numpy as np
 import torch
-
 from common import cpu_name, write_section
 
-VARIANTS = ("activity dock (before)", "plain", "nice +10", "one fewer thread")
+VARIANTS = ("activity dock (before)", "plain")
 
 
 def build_model(model_type: str):
@@ -54,22 +53,16 @@ def make_image(size: int) -> np.ndarray:
     return np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
 
 
-def configure(variant: str, runner=None) -> None:
-    """Set the job runner's worker settings for ``variant`` (read at each job's start);
-    ``runner``: the slice encoder's, shown in napari's activity dock for the "before" row."""
+def configure(variant: str, runner) -> None:
+    """Show the slice encoder's jobs (``runner``) in napari's activity dock for the
+    "before" row only."""
     import functools
 
-    import napari_sam._napari.jobs as jobs
+    from napari_sam._napari import jobs
 
-    if runner is not None:
-        runner.__dict__.pop("start", None)
-        if variant == "activity dock (before)":
-            runner.start = functools.partial(jobs.JobRunner.start, runner, activity=True)
-
-    cores = os.cpu_count() or 1
-    jobs.BACKGROUND_NICE = 10 if variant == "nice +10" else 0
-    jobs.BACKGROUND_THREADS = max(1, cores - 1) if variant == "one fewer thread" else None
-    torch.set_num_threads(cores)  # the GUI thread's (and MKL's process-wide) count, as before
+    runner.__dict__.pop("start", None)
+    if variant == "activity dock (before)":
+        runner.start = functools.partial(jobs.JobRunner.start, runner, activity=True)
 
 
 def timed_encode(widget, period_ms: int = 10) -> dict:
@@ -119,10 +112,6 @@ def run(models: list[str], size: int, repeats: int) -> dict:
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from qtpy.QtCore import QThreadPool
-
-    QThreadPool.globalInstance().setExpiryTimeout(0)  # a fresh worker thread per job: no
-    # variant inherits the priority or torch threads another one set on a reused thread
     viewer = napari.Viewer(show=True)
     results = {}
     try:
@@ -149,7 +138,6 @@ def run(models: list[str], size: int, repeats: int) -> dict:
             }
             widget.set_image_layer(None)
     finally:
-        configure("plain")
         viewer.close()
     return results
 
@@ -175,8 +163,7 @@ def main() -> None:
         f"(Xvfb), one background encode of a {args.size}x{args.size} image (random weights) while a 10 ms "
         f"QTimer runs on the GUI thread; median of {args.repeats} alternating rounds. {cpu_name()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}, load average before the run {load_before}. "
-        "`plain` is the default; `nice +10`: the worker and its torch threads at nice 10; `one fewer thread`: "
-        "torch threads = cores - 1 in the worker. The largest gap is where the status line changes "
+        "`plain` is the default. The largest gap is where the status line changes "
         "(one window repaint: Mesa llvmpipe composes the whole window in software).\n\n"
         "| model | worker | largest gap (ms) | p99 gap (ms) | encode (s) | encode / plain |\n"
         "|---|---|---|---|---|---|\n" + rows

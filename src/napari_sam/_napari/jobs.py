@@ -28,8 +28,6 @@ store, segmenting everything, opening a store) runs through :class:`JobRunner`:
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -39,33 +37,6 @@ from typing import Any
 from psygnal import Signal
 
 from ..engine.predictor import Stopped, stop_when
-
-
-# How a job's worker thread runs, read at each job's start. Measured on a 2-core machine
-# (benchmarks/bench_gui_stall.py): with nothing animating on the GUI thread, neither a
-# lower priority (nice, per thread on Linux; torch's threads inherit it) nor one torch
-# thread fewer shortened the GUI's largest stall during an encode (one window repaint),
-# while nice made the encode 1.3-2x slower whenever other processes were busy. Both stay
-# settings for machines where that differs.
-BACKGROUND_NICE = 0  # > 0: the worker and the torch threads it starts run at this nice
-BACKGROUND_THREADS: int | None = None  # torch intra-op threads of a job (thread-local); None: torch's
-
-
-def _run_in_background() -> None:
-    """Make the calling worker thread (and the torch threads it starts) background work:
-    nice ``BACKGROUND_NICE`` on Linux (never raised back: that needs privileges), and
-    ``BACKGROUND_THREADS`` torch intra-op threads if set."""
-    if BACKGROUND_NICE and sys.platform.startswith("linux"):
-        tid = threading.get_native_id()
-        try:
-            if os.getpriority(os.PRIO_PROCESS, tid) < BACKGROUND_NICE:
-                os.setpriority(os.PRIO_PROCESS, tid, BACKGROUND_NICE)
-        except OSError:  # not allowed here: run at the GUI's priority
-            pass
-    if BACKGROUND_THREADS:
-        import torch
-
-        torch.set_num_threads(int(BACKGROUND_THREADS))
 
 
 @dataclass
@@ -92,7 +63,6 @@ def _iterate(gen: Generator, cancel: threading.Event, ended: threading.Event):
     ``stop_when(cancel.is_set)``, so a long step (an encoder pass) stops within an encoder
     block once cancelled (:class:`~napari_sam.model.interrupt.Stopped`), else the job stops
     at its next yield; turn any exception into an :class:`_Outcome` (worker thread)."""
-    _run_in_background()
     try:
         while True:
             if cancel.is_set():
