@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from napari_sam import SamPredictor
+from napari_sam.model.config import build_model
 
 
 def predictor_with_image(model) -> SamPredictor:
@@ -45,7 +46,20 @@ def test_upscaler_weights_follow_load_state_dict(tiny_sam):
     model.load_state_dict(state)
     _, _, after = predictor.predict(point, label)
     fresh = copy.deepcopy(model)
-    fresh.mask_decoder.__dict__.pop("_linear_cache", None)
     _, _, expected = predictor_with_image(fresh).predict(point, label)
     assert not np.allclose(before, after)
     np.testing.assert_allclose(after, expected, rtol=0, atol=1e-5)
+
+
+def test_a_model_built_under_inference_mode_predicts(tiny_sam):
+    """Its parameters are inference tensors (no version counter to key a cache on)."""
+    with torch.inference_mode():
+        model = build_model(tiny_sam.config)
+        model.load_state_dict(tiny_sam.state_dict())
+    point, label = np.array([[100.0, 80.0]]), np.array([1])
+    predictor = predictor_with_image(model)
+    _, _, first = predictor.predict(point, label)
+    _, _, again = predictor.predict(point, label)
+    _, _, expected = predictor_with_image(tiny_sam).predict(point, label)
+    np.testing.assert_allclose(first, expected, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(again, first)

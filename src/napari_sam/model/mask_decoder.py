@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import MLP, LayerNorm2d
+from .common import MLP, DerivedFromParameters, LayerNorm2d
 from .transformer import ImageSideCache, TwoWayTransformer
 
 
@@ -38,6 +38,8 @@ class MaskDecoder(nn.Module):
             nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
             nn.GELU(),
         )
+        # the two transposed convs as linear layers, reshaped once (see _as_linear)
+        self._upscaler_linear = (DerivedFromParameters(), DerivedFromParameters())
         self.output_hypernetworks_mlps = nn.ModuleList(
             MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3)
             for _ in range(self.num_mask_tokens)
@@ -114,34 +116,39 @@ class MaskDecoder(nn.Module):
         """
         conv1, norm, _, conv2, _ = self.output_upscaling
         b, h, w, _ = src.shape
-        x = self._conv_transpose_2x2(src, conv1)  # (B, H, W, 2, 2, C/4)
+        linear1, linear2 = self._upscaler_linear
+        x = self._conv_transpose_2x2(src, conv1, linear1)  # (B, H, W, 2, 2, C/4)
         x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, -1)  # (B, 2H, 2W, C/4)
         x = F.gelu(F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps))
-        x = F.gelu(self._conv_transpose_2x2(x, conv2))  # (B, 2H, 2W, 2, 2, C/8)
+        x = F.gelu(self._conv_transpose_2x2(x, conv2, linear2))  # (B, 2H, 2W, 2, 2, C/8)
         masks = x.reshape(b, -1, x.shape[-1]) @ hyper_in.transpose(1, 2).to(x.dtype)
         k = hyper_in.shape[1]
         # (B, 2H*2W*4, K) -> (B, 2H, 2W, 2, 2, K) -> (B, K, 2H, 2, 2W, 2) -> (B, K, 4H, 4W)
         masks = masks.reshape(b, 2 * h, 2 * w, 2, 2, k).permute(0, 5, 1, 3, 2, 4)
         return masks.reshape(b, k, 4 * h, 4 * w)
 
-    def _conv_transpose_2x2(self, x: Tensor, conv: nn.ConvTranspose2d) -> Tensor:
+    def _conv_transpose_2x2(
+        self, x: Tensor, conv: nn.ConvTranspose2d, linear: DerivedFromParameters
+    ) -> Tensor:
         """(B, H, W, Cin) -> (B, H, W, 2, 2, Cout): stride-2 2x2 transposed conv, per pixel."""
-        weight, bias = self._as_linear(conv)
+        weight, bias = self._as_linear(conv, linear)
         out = F.linear(x, weight, bias)  # (B, H, W, 4*Cout)
         return out.reshape(*x.shape[:3], 2, 2, conv.weight.shape[1])
 
-    def _as_linear(self, conv: nn.ConvTranspose2d) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def _as_linear(conv: nn.ConvTranspose2d, linear: DerivedFromParameters) -> tuple[Tensor, Tensor]:
         """The (4*Cout, Cin) weight, rows ordered (ky, kx, Cout), and (4*Cout,) bias of
-        ``conv`` as a linear layer. Reshaped once, not per call: cached on what they were
-        made from (tensor identity and in-place version: a load_state_dict, .to() or an
-        edit of the weights makes them again)."""
+        ``conv`` as a linear layer. Reshaped once, not per call: kept in ``linear`` while
+        the conv's parameters are unchanged (a load_state_dict, .to() or an edit of the
+        weights makes them again)."""
         cin, cout = conv.weight.shape[:2]
         if torch.is_grad_enabled() and conv.weight.requires_grad:  # training: no detached copy
             return conv.weight.permute(2, 3, 1, 0).reshape(4 * cout, cin), conv.bias.repeat(4)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (conv.weight, conv.bias))
-        cached = self.__dict__.setdefault("_linear_cache", {}).get(id(conv))
-        if cached is None or cached[0] != key:
-            weight = conv.weight.detach().permute(2, 3, 1, 0).reshape(4 * cout, cin).contiguous()
-            cached = (key, weight, conv.bias.detach().repeat(4))
-            self._linear_cache[id(conv)] = cached
-        return cached[1], cached[2]
+        return linear.get(
+            (conv.weight, conv.bias),
+            None,
+            lambda: (
+                conv.weight.detach().permute(2, 3, 1, 0).reshape(4 * cout, cin).contiguous(),
+                conv.bias.detach().repeat(4),
+            ),
+        )
