@@ -95,7 +95,9 @@ class MaskDecoder(nn.Module):
         iou_pred = self.iou_prediction_head(iou_token_out)[:, keep]  # (B, K)
         if min_iou is None:
             return self._upscale_and_project(src_tokens.reshape(b, h, w, c), hyper_in), iou_pred
-        rows = (iou_pred > min_iou).any(dim=1).nonzero()[:, 0]  # (B',)
+        # in float32, as callers filter the returned IoU: a bf16 comparison would round
+        # min_iou to bf16 first and drop prompts between it and min_iou
+        rows = (iou_pred.float() > min_iou).any(dim=1).nonzero()[:, 0]  # (B',)
         if len(rows) == 0:
             return src_tokens.new_zeros(0, iou_pred.shape[1], 4 * h, 4 * w), iou_pred, rows
         src_tokens = src_tokens.expand(b, -1, -1)[rows]  # (B', HW, C)
