@@ -107,6 +107,25 @@ def test_cancel_of_a_slice_encode_stops_it_without_restarting(viewer, qtbot, mak
     assert widget.segmenter.embedding_ready and gate.blocks_run == GATE_BLOCK + 1 + DEPTH
 
 
+def test_after_a_cancelled_encode_a_newly_shown_slice_still_encodes(viewer, qtbot, make_widget, gated_model):
+    """Cancel stops the shown slice's encode; with auto-encode on, the slice the user moved
+    to while it ran is encoded when the job ends, the stopped one is not."""
+    model, gate = gated_model
+    layer = viewer.add_image(np.stack([blob_image()] * 3), name="stack")
+    viewer.dims.set_current_step(0, 0)  # napari shows the middle slice first
+    widget = make_widget(model)
+    widget.set_image_layer(layer)  # encodes slice 0 in the background
+    qtbot.waitUntil(gate.reached.is_set, timeout=20000)
+    stopped_key = widget.segmenter.encoder.current_key()
+    viewer.dims.set_current_step(0, 2)  # moved on while slice 0 encodes: queued
+    widget.segmenter.cancel_encoding()
+    gate.release()
+    qtbot.waitUntil(lambda: widget.segmenter.embedding_ready, timeout=20000)
+    cache = session_for(viewer).cache
+    assert widget.segmenter.encoder.current_key() in cache and stopped_key not in cache
+    assert gate.passes == 2 and gate.blocks_run == GATE_BLOCK + 1 + DEPTH
+
+
 def test_cancel_of_propagation_stops_inside_a_slice_encode(viewer, qtbot, make_widget, gated_model):
     model, gate = gated_model
     stack = np.stack([blob_image()] * 5)

@@ -124,8 +124,11 @@ class SliceEncoder:
         self.failed_key = self._job_key
 
     def _on_cancelled(self) -> None:
-        """Stopped by the user (within an encoder block): no automatic restart of this
-        slice, nor of one queued meanwhile; a prompt or an explicit request encodes again."""
+        """Stopped by the user (within an encoder block). The job's end never restarts
+        the stopped slice and drops a request queued meanwhile; with auto-encode on, the
+        slice shown at that moment, if another one, is still encoded, as is any slice the
+        user moves to later (the stopped one included). A prompt or an explicit request
+        on the stopped slice encodes it again."""
         self.failed_key, self._pending = self._job_key, False
         self._report("encoding stopped: nothing cached; a prompt on this slice starts it again")
 
