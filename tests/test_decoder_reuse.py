@@ -72,3 +72,22 @@ def test_a_model_built_under_inference_mode_predicts(tiny_sam):
     _, _, expected = predictor_with_image(tiny_sam).predict(point, label)
     np.testing.assert_allclose(first, expected, rtol=0, atol=1e-5)
     np.testing.assert_array_equal(again, first)
+
+
+def test_image_side_cache_follows_load_state_dict(tiny_sam):
+    """The per-image decoder work (first-layer projections of the image tokens) is cached;
+    new decoder weights loaded after set_image must not decode with the old projections."""
+    model = copy.deepcopy(tiny_sam)
+    predictor = predictor_with_image(model)
+    point, label = np.array([[100.0, 80.0]]), np.array([1])
+    _, _, before = predictor.predict(point, label)
+    state = model.state_dict()
+    key = "mask_decoder.transformer.layers.0.cross_attn_token_to_image.k_proj.weight"
+    state[key] = state[key] * -1.5
+    model.load_state_dict(state)
+    _, _, after = predictor.predict(point, label)
+    fresh = SamPredictor(model)
+    fresh.set_embedding(predictor.get_embedding())
+    _, _, expected = fresh.predict(point, label)
+    assert not np.allclose(before, expected)
+    np.testing.assert_array_equal(after, expected)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..model.common import DerivedFromParameters
 from ..model.interrupt import Stopped, stop_when
 from .image import ResizeLongestSide, require_resizable, to_rgb_uint8
 
@@ -59,7 +60,8 @@ class SamPredictor:
     Code may set ``features``, ``original_size``, ``input_size`` and ``is_image_set``
     directly (precomputed embeddings, as micro-sam does): every assignment drops the
     per-image decoder cache, which is also keyed on the ``features`` tensor it was built
-    from (and its in-place version), so ``predict`` always decodes the current features.
+    from and on the decoder's weights (their in-place versions), so ``predict`` always
+    decodes the current features with the current weights.
     """
 
     def __init__(self, sam_model) -> None:
@@ -101,7 +103,7 @@ class SamPredictor:
 
     def _image_changed(self) -> None:
         self._embedding = None
-        self._image_side = None
+        self._image_side = DerivedFromParameters()
 
     # ------------------------------------------------------------------ encoding
     def encode_image(
@@ -375,15 +377,28 @@ class SamPredictor:
 
     def _image_side_cache(self):
         """The model's prompt-independent decoder work for the current features."""
-        # prompt-independent decoder work, done once per image and reused by every
-        # later call; keyed on what it was computed from, so features replaced or
-        # modified in place by client code are never decoded against a stale cache
-        key = (getattr(self.model, "decoder_dtype", None), _tensor_version(self.features))
-        built = self._image_side
-        if built is None or built[0] is not self.features or built[1] != key:
-            built = (self.features, key, self.model.image_side_cache(self.features))
-            self._image_side = built
-        return built[2]
+        # done once per image and reused by every later call; remade when the features or
+        # the decoder's weights change in place (client code, load_state_dict), so they
+        # are never decoded against stale projections. Inference-mode features cannot
+        # change in place outside inference mode: they are keyed by identity alone (a
+        # new features tensor resets the cache).
+        features = self.features
+        sources = (None if features.is_inference() else features, *_decoder_tensors(self.model))
+        return self._image_side.get(
+            sources,
+            getattr(self.model, "decoder_dtype", None),
+            lambda: self.model.image_side_cache(features),
+        )
+
+
+def _decoder_tensors(model) -> tuple[torch.Tensor, ...]:
+    """The parameters and buffers a model decodes with: those of its prompt encoder and mask
+    decoder (a SAM), else all of a torch module's (any other model), else none."""
+    parts = [getattr(model, name, None) for name in ("prompt_encoder", "mask_decoder")]
+    modules = [m for m in parts if isinstance(m, torch.nn.Module)]
+    if not modules and isinstance(model, torch.nn.Module):
+        modules = [model]
+    return tuple(t for m in modules for ts in (m.parameters(), m.buffers()) for t in ts)
 
 
 def _as_size(value) -> tuple[int, int] | None:
@@ -395,15 +410,6 @@ def _as_size(value) -> tuple[int, int] | None:
 
 def _height_width(size: tuple[int, ...] | None) -> tuple[int | None, int | None]:
     return (size[0], size[1]) if size is not None and len(size) >= 2 else (None, None)
-
-
-def _tensor_version(tensor) -> int | None:
-    """The in-place version counter of ``tensor`` (None for inference tensors, which have
-    none: they cannot be modified in place outside inference mode anyway)."""
-    try:
-        return tensor._version
-    except (AttributeError, RuntimeError):
-        return None
 
 
 def _require_finite(values: np.ndarray, name: str) -> None:
