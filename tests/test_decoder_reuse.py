@@ -91,3 +91,35 @@ def test_image_side_cache_follows_load_state_dict(tiny_sam):
     _, _, expected = fresh.predict(point, label)
     assert not np.allclose(before, expected)
     np.testing.assert_array_equal(after, expected)
+
+
+def test_a_cache_reader_never_pairs_an_old_key_with_a_new_value():
+    """A reader interleaved at any line of a writer's update (another thread, between two
+    bytecodes) gets the value of its own variant, never the one being stored."""
+    import sys
+
+    from napari_sam.model.common import DerivedFromParameters
+
+    derived, weight = DerivedFromParameters(), torch.ones(3)
+    assert derived.get((weight,), "fp16", lambda: "fp16 value") == "fp16 value"
+    made, seen = [], []
+
+    def make_bf16():
+        made.append(True)
+        return "bf16 value"
+
+    def reader(frame, event, arg):  # runs a read at every line of the writer's get
+        if event == "line" and made:
+            seen.append(derived.get((weight,), "fp16", lambda: "fp16 value"))
+        return reader
+
+    def tracer(frame, event, arg):
+        return reader if frame.f_code is DerivedFromParameters.get.__code__ else None
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        derived.get((weight,), "bf16", make_bf16)
+    finally:
+        sys.settrace(previous)
+    assert seen and set(seen) == {"fp16 value"}

@@ -31,8 +31,9 @@ class DerivedFromParameters:
     """
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._value = None
+        # one (key, value) pair, replaced whole: a reader in another thread never pairs
+        # one call's key with another call's value
+        self._entry: tuple[tuple, object] | None = None
 
     def get(self, sources: tuple[torch.Tensor | None, ...], variant, make: Callable[[], T]) -> T:
         """``make()``, or its value from an earlier call with the same ``variant`` and
@@ -42,16 +43,18 @@ class DerivedFromParameters:
         key = (variant,) + tuple(
             None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources
         )
-        if key != self._key:
-            # a normal tensor even inside inference_mode, so it stays usable outside it
-            with torch.inference_mode(False), torch.no_grad():
-                self._value = make()
-            self._key = key
-        return self._value
+        entry = self._entry
+        if entry is not None and entry[0] == key:
+            return entry[1]
+        # a normal tensor even inside inference_mode, so it stays usable outside it
+        with torch.inference_mode(False), torch.no_grad():
+            value = make()
+        self._entry = (key, value)
+        return value
 
     def clear(self) -> None:
         """Forget the value (for changes the version counters miss)."""
-        self._key = self._value = None
+        self._entry = None
 
 
 class Linear(nn.Linear):
