@@ -75,6 +75,17 @@ def test_encode_stops_at_the_next_block_once_cancel_is_set(model):
     assert torch.equal(predictor.encode_image(image, cancel=threading.Event()).features, plain.features)
 
 
+def test_an_encode_with_its_own_cancel_still_obeys_the_enclosing_stop_check(model):
+    """A job's stop check (the widget's runner) around an encode given its own cancel event:
+    whichever is set first stops the pass."""
+    predictor = SamPredictor(model)
+    image = np.zeros((64, 64), np.uint8)
+    outer = CancelAfter(model, 2)
+    with stop_when(outer.is_set), pytest.raises(Stopped):
+        predictor.encode_image(image, cancel=threading.Event())  # never set
+    assert outer.blocks_run == 2  # of 6
+
+
 def test_a_stop_check_belongs_to_its_thread(model):
     """A cancelled worker thread never stops an encode running on another thread."""
     predictor = SamPredictor(model)

@@ -133,9 +133,8 @@ class SamPredictor:
         require_resizable(rgb.shape[:2], self.transform.target_length)
         resized = self.transform.apply_image(np.ascontiguousarray(rgb))
         x = torch.from_numpy(np.array(resized)).to(self.device).permute(2, 0, 1)[None].float()
-        if cancel is None:  # an enclosing stop_when (e.g. a job's) still applies
-            return self.encode_torch_image(x, rgb.shape[:2])
-        with stop_when(cancel.is_set):
+        # an enclosing stop_when (e.g. a job's) still applies, with or without cancel
+        with stop_when(None if cancel is None else cancel.is_set):
             return self.encode_torch_image(x, rgb.shape[:2])
 
     def encode_torch_image(

@@ -27,9 +27,14 @@ class Stopped(Exception):
 @contextmanager
 def stop_when(should_stop: Callable[[], bool] | None) -> Iterator[None]:
     """Within the block, passes of this thread stop (raise :class:`Stopped`) at their next
-    stage boundary once ``should_stop()`` is True. None: never stop (a no-op)."""
+    stage boundary once ``should_stop()`` is True, or the check of an enclosing
+    ``stop_when`` is (nested checks add up: an inner cancel never hides a job's). None: no
+    check of its own (the enclosing ones still apply)."""
     previous = getattr(_local, "check", None)
-    _local.check = should_stop
+    if should_stop is not None and previous is not None:
+        _local.check = lambda: should_stop() or previous()
+    elif should_stop is not None:
+        _local.check = should_stop
     try:
         yield
     finally:
