@@ -121,3 +121,28 @@ def test_store_precompute_then_reopen_costs_no_encoder_call(viewer, make_widget,
     assert second.propagate(wait=True) is not None
     assert iou(viewer.layers["SAM labels"].data > 0, truth) >= 0.9
     assert oracle.encode_calls == 0
+
+
+def test_preview_after_transposing_a_square_plane_keeps_no_stale_pixels(viewer, qtbot):
+    """The same square plane shown with swapped axes keeps the preview's data shape; the
+    box drawn before the swap belongs to the other orientation, so drawing the next
+    preview clears the whole plane, not that box read the other way round."""
+    from napari_sam._napari.geometry import current_plane
+    from napari_sam._napari.prompt_layers import ensure_preview_layer, preview_plane_view, show_preview
+
+    layer = viewer.add_image(np.zeros((5, 64, 64), np.uint8), name="cube")
+    plane = current_plane(viewer.dims, layer)
+    preview = ensure_preview_layer(viewer, layer, plane)
+    show_preview(preview, plane, np.ones((10, 20), np.uint8), (5, 30))  # rows 5:15, cols 30:50
+    viewer.dims.order = (0, 2, 1)  # transposed: x as rows, y as columns
+    qtbot.wait(50)
+    swapped = current_plane(viewer.dims, layer)
+    assert tuple(swapped.axes_rc) == (2, 1)
+    preview = ensure_preview_layer(viewer, layer, swapped)
+    show_preview(preview, swapped, np.full((8, 8), 2, np.uint8), (40, 40))
+    qtbot.wait(50)
+    expected = np.zeros((64, 64), np.uint8)
+    expected[40:48, 40:48] = 2
+    np.testing.assert_array_equal(preview_plane_view(preview, swapped), expected)
+    shown = preview._slice.image  # and on screen: the displayed colours are the data's
+    np.testing.assert_array_equal(shown.view, preview._raw_to_displayed(shown.raw))

@@ -160,10 +160,11 @@ def ensure_preview_layer(viewer, image, plane: SlicePlane, region=None) -> Label
         layer.translate = translate
     if not new and layer.data.shape != shape:
         layer.data = np.zeros(shape, dtype=np.uint8)
-        layer.metadata["napari_sam_drawn"] = (0, 0, 0, 0)
+        _set_drawn(layer, plane, (0, 0, 0, 0))
     layer.metadata["napari_sam_plane"] = plane
     layer.metadata["napari_sam_region"] = (r0, c0, h, w)
     if new:  # add it placed: the viewer's extent and slider never jump
+        _set_drawn(layer, plane, (0, 0, 0, 0))
         viewer.layers.append(layer)
     return layer
 
@@ -187,15 +188,16 @@ def show_preview(layer: Labels, plane: SlicePlane, ids_hw: np.ndarray | None, of
     new box are touched (a click changes a mask, not the plane); the refresh skips the
     thumbnail, extent and highlight, which a live preview does not need."""
     view = preview_plane_view(layer, plane)
-    drawn = layer.metadata.get("napari_sam_drawn")  # (r0, r1, c0, c1) written last, if known
+    drawn = _drawn_box(layer, plane)
     if drawn is not None and (drawn[1] > view.shape[0] or drawn[3] > view.shape[1]):
         drawn = None  # not this layer's data any more: clear it all
     if ids_hw is None:
         if drawn is None and not view.any():
+            _set_drawn(layer, plane, (0, 0, 0, 0))  # known empty: the next draw is in place
             return
         clear = (slice(drawn[0], drawn[1]), slice(drawn[2], drawn[3])) if drawn is not None else ...
         view[clear] = 0
-        layer.metadata["napari_sam_drawn"] = (0, 0, 0, 0)
+        box = (0, 0, 0, 0)
     else:
         r0, c0 = (int(v) for v in offset_rc)
         box = (r0, r0 + ids_hw.shape[0], c0, c0 + ids_hw.shape[1])
@@ -204,14 +206,29 @@ def show_preview(layer: Labels, plane: SlicePlane, ids_hw: np.ndarray | None, of
         else:
             view[drawn[0] : drawn[1], drawn[2] : drawn[3]] = 0
         view[box[0] : box[1], box[2] : box[3]] = ids_hw
-        layer.metadata["napari_sam_drawn"] = box
-    changed = _union_box(drawn, layer.metadata["napari_sam_drawn"])
+    _set_drawn(layer, plane, box)
+    changed = _union_box(drawn, box)
     if changed is not None and _refresh_region(layer, plane, changed):
         return
     try:
         layer.refresh(thumbnail=False, extent=False, highlight=False)
     except TypeError:  # napari without refresh options
         layer.refresh()
+
+
+def _set_drawn(layer: Labels, plane: SlicePlane, box) -> None:
+    """Remember the (r0, r1, c0, c1) box of ``plane``'s view written last, with the
+    plane's (row, col) data axes: the same data seen with swapped axes is another view."""
+    layer.metadata["napari_sam_drawn"] = (tuple(plane.axes_rc), tuple(box))
+
+
+def _drawn_box(layer: Labels, plane: SlicePlane):
+    """The box :func:`_set_drawn` stored, in ``plane``'s view; None when unknown or
+    written through another orientation (the caller then clears the whole view)."""
+    drawn = layer.metadata.get("napari_sam_drawn")
+    if not drawn or len(drawn) != 2 or tuple(drawn[0]) != tuple(plane.axes_rc):
+        return None
+    return drawn[1]
 
 
 def _union_box(a, b):
