@@ -152,7 +152,8 @@ def test_cancel_of_propagation_stops_inside_a_slice_encode(viewer, qtbot, make_w
 
 def test_preview_redrawn_in_place_matches_a_full_redraw(viewer, qtbot, tmp_path):
     """Clicks update only the changed box of the preview (napari's partial label
-    update); what is drawn must equal a full redraw of the layer."""
+    update, contours included); what is drawn must equal a full redraw of the layer.
+    When that path fails, the preview falls back to a full redraw, still correct."""
     from oracle import OracleSam
     from test_napari_first_hour import click
     from test_napari_widget import centroid, objects_2d
@@ -166,16 +167,31 @@ def test_preview_redrawn_in_place_matches_a_full_redraw(viewer, qtbot, tmp_path)
     viewer.reset_view()
     qtbot.wait(50)
     preview = viewer.layers["SAM preview"]
-    for k in (2, 3):  # a new object each time: the old box is cleared, the new one drawn
+    partial_updates = []
+    preview.events.labels_update.connect(lambda event: partial_updates.append(event.offset))
+    napari_partial_refresh = preview._partial_labels_refresh
+
+    def broken_partial_refresh():
+        raise RuntimeError("a napari internal changed")
+
+    for k, contour, broken in ((2, 0, False), (3, 0, False), (2, 2, False), (3, 0, True)):
+        preview.contour = contour
+        preview._partial_labels_refresh = broken_partial_refresh if broken else napari_partial_refresh
         widget.clear()
+        qtbot.wait(50)
+        partial_updates.clear()
         click(viewer, qtbot, layer.data_to_world(centroid(truth == k)))
         qtbot.wait(50)
         np.testing.assert_array_equal(preview.data > 0, widget.current_masks[0])
-        partial = viewer.screenshot(str(tmp_path / f"partial{k}.png"), canvas_only=True, flash=False)
+        assert len(partial_updates) == (0 if broken else 1)  # the click's redraw was (not) in place
+        assert preview._updated_slice is None
+        partial = viewer.screenshot(str(tmp_path / f"partial{k}_{contour}_{broken}.png"), canvas_only=True,
+                                    flash=False)
         preview.refresh()
         qtbot.wait(50)
         full = viewer.screenshot(canvas_only=True, flash=False)
         assert np.abs(partial.astype(int) - full.astype(int)).max() <= 1
+    preview._partial_labels_refresh = napari_partial_refresh
     widget.clear()
     qtbot.wait(50)
     assert not preview.data.any()

@@ -9,6 +9,8 @@ who changes a transform afterwards gets correct results.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from napari.layers import Labels, Points, Shapes
 from napari.utils.transforms import Affine
@@ -23,6 +25,8 @@ from .geometry import (
     spatial_shape,
     to_rc,
 )
+
+log = logging.getLogger(__name__)
 
 ROLE_KEY = "napari_sam_role"
 POINTS_ROLE, BOXES_ROLE, PREVIEW_ROLE, LABELS_ROLE = "points", "boxes", "preview", "labels"
@@ -242,33 +246,60 @@ def _union_box(a, b):
     return (min(x[0] for x in boxes), max(x[1] for x in boxes), min(x[2] for x in boxes), max(x[3] for x in boxes))
 
 
+_fallback_logged = False
+
+
 def _refresh_region(layer: Labels, plane: SlicePlane, box) -> bool:
     """Redraw only ``box`` (r0, r1, c0, c1) of the preview's plane: napari's own partial
     update for painted labels (the displayed slice's colours there, one sub-texture
     upload) instead of re-slicing and uploading the whole plane. False (caller refreshes
-    everything) where that path does not apply: another napari, contours, 3D display, a
-    slice not yet loaded, or displayed axes other than the plane's (row, col)."""
+    everything) where that path does not apply or fails: it uses napari internals, so
+    another napari version, 3D display, a slice not yet loaded or displayed axes other
+    than the plane's (row, col) all fall back to the public full refresh."""
+    global _fallback_logged
     r0, r1, c0, c1 = box
     if r1 <= r0 or c1 <= c0:
         return True  # nothing changed on screen
     try:
-        displayed = tuple(layer._slice_input.displayed)
-        view = layer._slice.image.view
-        raw = layer._slice.image.raw
-        if (layer.contour != 0 or displayed != tuple(plane.axes_rc) or view.shape != raw.shape
-                or not layer.loaded or layer._updated_slice is not None):
-            return False
-        region = (slice(r0, r1), slice(c0, c1))
-        if raw.base is None and raw is not layer.data:  # a copy, not a view of the data: refresh
-            return False
-        view[region] = layer.colormap._data_to_texture(raw[region])
-        full = [slice(None)] * layer.ndim
-        full[plane.axes_rc[0]], full[plane.axes_rc[1]] = region
-        layer._updated_slice = tuple(full)
-        layer._partial_labels_refresh()
-        return True
-    except (AttributeError, TypeError, ValueError, IndexError):
+        return _partial_refresh(layer, plane, box)
+    except Exception:  # napari internals (and vispy behind them): refresh in full
+        if not _fallback_logged:
+            _fallback_logged = True
+            log.debug("napari-sam: in-place preview redraw failed; full refreshes instead", exc_info=True)
         return False
+
+
+def _partial_refresh(layer: Labels, plane: SlicePlane, box) -> bool:
+    """:func:`_refresh_region`'s use of napari's internals; False where they do not apply."""
+    r0, r1, c0, c1 = box
+    displayed = tuple(layer._slice_input.displayed)
+    view = layer._slice.image.view
+    raw = layer._slice.image.raw
+    if (displayed != tuple(plane.axes_rc) or view.shape != raw.shape or not layer.loaded
+            or layer._updated_slice is not None or raw.shape != preview_plane_view(layer, plane).shape):
+        return False
+    # the displayed slice must be the layer's current data (napari's own test before it
+    # paints in place), else a stale slice would be drawn
+    if not (isinstance(layer.data, np.ndarray) and np.shares_memory(layer.data, raw)):
+        return False
+    if layer.contour > 0:  # a contour changes up to its width around the box
+        pad = max(1, int(layer.contour))
+        r0, r1, c0, c1 = max(0, r0 - pad), min(raw.shape[0], r1 + pad), max(0, c0 - pad), min(raw.shape[1], c1 + pad)
+    region = (slice(r0, r1), slice(c0, c1))
+    if hasattr(layer, "_raw_to_displayed"):  # napari's colours, contours included
+        view[region] = layer._raw_to_displayed(raw, data_slice=region)
+    elif layer.contour == 0:
+        view[region] = layer.colormap._data_to_texture(raw[region])
+    else:
+        return False
+    full = [slice(None)] * layer.ndim
+    full[plane.axes_rc[0]], full[plane.axes_rc[1]] = region
+    layer._updated_slice = tuple(full)
+    try:
+        layer._partial_labels_refresh()
+    finally:
+        layer._updated_slice = None  # napari's pending-update state never outlives the call
+    return True
 
 
 def read_points(points: Points, image, plane: SlicePlane) -> tuple[np.ndarray, np.ndarray, int]:
