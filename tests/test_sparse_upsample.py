@@ -97,3 +97,27 @@ def test_predictor_masks_match_thresholded_logits(tiny_sam, shape):
             assert masks.flags.c_contiguous
             np.testing.assert_array_equal(masks, logits > tiny_sam.mask_threshold)
             np.testing.assert_array_equal(low, low2)
+
+
+def test_windows_are_exact_on_cpu():
+    """The fast path runs only where interpolated windows equal the full call: on a CPU
+    they do (a torch update that changed the kernel's rounding would silently disable it)."""
+    assert sparse_upsample._windows_are_exact(torch.device("cpu"))
+
+
+def test_full_res_masks_of_a_model_without_sparse_thresholding(tiny_sam):
+    """A client's model with only ``postprocess_masks`` gets the same masks, at each threshold."""
+    from napari_sam.engine import full_res_masks
+
+    class PlainModel:
+        mask_threshold = tiny_sam.mask_threshold
+        postprocess_masks = staticmethod(tiny_sam.postprocess_masks)
+
+    low = smooth_logits(2, 3, 64, seed=11)
+    for size in [(256, 171), (300, 200)]:
+        for thresholds in (None, [-1.0, 0.5]):
+            ours = full_res_masks(tiny_sam, low, (256, 171), size, thresholds)
+            plain = full_res_masks(PlainModel(), low, (256, 171), size, thresholds)
+            assert len(ours) == len(plain) == (1 if thresholds is None else 2)
+            for a, b in zip(ours, plain):
+                assert a.dtype == torch.bool and torch.equal(a, b)

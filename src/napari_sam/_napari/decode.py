@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..engine import mask_to_logits
+from ..engine import full_res_masks, mask_to_logits
 from .geometry import SlicePlane, rc_to_xy
 
 
@@ -82,13 +82,8 @@ class Prediction:
             low = self.low_res[torch.arange(len(chosen)), chosen][:, None]  # (K, 1, h, w)
             size = self.frame_hw or self.plane.shape_hw
             with torch.inference_mode():
-                # bit-identical to thresholding the full upsample, but only the blocks near
-                # the mask's edge are interpolated; a model without it (a client's) upsamples all
-                binary = getattr(self.model, "postprocess_thresholded", None)
-                if binary is not None:
-                    up = binary(low, self.input_size, size)[0]
-                else:
-                    up = self.model.postprocess_masks(low, self.input_size, size) > self.model.mask_threshold
+                # only the blocks near the mask's edge are interpolated (where the model can)
+                (up,) = full_res_masks(self.model, low, self.input_size, size)
             self._masks[rank] = up[:, 0].cpu().numpy()
         return self._masks[rank]
 

@@ -4,7 +4,7 @@ from .build import build_sam
 from .cache import EmbeddingCache, EmbeddingKey
 from .device import choose_device, choose_precision
 from .mask_prompt import mask_to_logits
-from .predictor import ImageEmbedding, SamPredictor
+from .predictor import ImageEmbedding, SamPredictor, full_res_masks
 from .stack import VolumeEmbeddings
 from .store import (
     EmbeddingStore,
@@ -37,6 +37,7 @@ __all__ = [
     "choose_device",
     "choose_precision",
     "fetch_checkpoint",
+    "full_res_masks",
     "interpolate",
     "mask_to_logits",
     "propagate",

@@ -56,7 +56,7 @@ from .mask_set import (
     postprocess_small_regions,
     require_pycocotools,
 )
-from .predictor import ImageEmbedding, SamPredictor, Stopped
+from .predictor import ImageEmbedding, SamPredictor, Stopped, full_res_masks
 
 T = TypeVar("T")
 
@@ -331,9 +331,12 @@ class SamAutomaticMaskGenerator:
         for start in range(0, len(position), chunk):
             stop()
             idx = position[start : start + chunk]
-            above_hi, above_lo, binary = _thresholded(
-                model, low_res[idx.to(low_res.device)][None], pred.input_size, crop_size,
-                [threshold + offset, threshold - offset, threshold],
+            above_hi, above_lo, binary = (
+                m[0]
+                for m in full_res_masks(
+                    model, low_res[idx.to(low_res.device)][None], pred.input_size, crop_size,
+                    [threshold + offset, threshold - offset, threshold],
+                )
             )  # 3 x (k, h, w) bool
             stability = stability_from_counts(_count(above_hi), _count(above_lo))
             ok = stability >= self.stability_score_thresh
@@ -381,16 +384,6 @@ class _stop_check:
     def __call__(self) -> None:
         if self.should_stop():
             raise Stopped()
-
-
-def _thresholded(model, low_res, input_size, size, thresholds) -> list[torch.Tensor]:
-    """(1, k, h, w) low-res logits -> one (k, H, W) bool per threshold: the model's
-    ``postprocess_thresholded`` (interpolating near the borders only), else full logits."""
-    binary = getattr(model, "postprocess_thresholded", None)
-    if binary is not None:
-        return [m[0] for m in binary(low_res, input_size, size, thresholds)]
-    logits = model.postprocess_masks(low_res, input_size, size)[0]
-    return [logits > t for t in thresholds]
 
 
 def _count(masks: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,14 @@ from ..model.common import DerivedFromParameters
 from ..model.interrupt import Stopped, stop_when
 from .image import ResizeLongestSide, require_resizable, to_rgb_uint8
 
-__all__ = ["ImageEmbedding", "SamPredictor", "Stopped", "sort_box_corners", "stop_when"]
+__all__ = [
+    "ImageEmbedding",
+    "SamPredictor",
+    "Stopped",
+    "full_res_masks",
+    "sort_box_corners",
+    "stop_when",
+]
 
 
 @dataclass(frozen=True)
@@ -320,13 +327,10 @@ class SamPredictor:
         low_res, iou = self.decode_low_res(
             point_coords, point_labels, boxes, mask_input, multimask_output
         )
-        binary = getattr(self.model, "postprocess_thresholded", None)
-        if return_logits or binary is None:
+        if return_logits:
             masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
-            if not return_logits:
-                masks = masks > self.model.mask_threshold
-        else:  # the same masks, interpolating only near their borders
-            (masks,) = binary(low_res, self.input_size, self.original_size)
+        else:
+            (masks,) = full_res_masks(self.model, low_res, self.input_size, self.original_size)
         return masks, iou, low_res
 
     def decode_low_res(
@@ -388,6 +392,35 @@ class SamPredictor:
             getattr(self.model, "decoder_dtype", None),
             lambda: self.model.image_side_cache(features),
         )
+
+
+def full_res_masks(
+    model,
+    low_res: torch.Tensor,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+    thresholds=None,
+) -> list[torch.Tensor]:
+    """Thresholded full-resolution masks: ``model.postprocess_masks(low_res, …) > t``.
+
+    Args:
+        model: a model with the engine interface; its ``postprocess_thresholded`` (the
+            same masks bit for bit, interpolating only near their borders) is used where
+            it has one, else the full ``postprocess_masks``.
+        low_res: (B, K, h, w) float low-res logits.
+        input_size: (h_in, w_in) of the resized image inside the (S, S) model input.
+        original_size: (H, W) of the image.
+        thresholds: logit thresholds; None: ``[model.mask_threshold]``.
+    Returns:
+        one (B, K, H, W) bool tensor per threshold.
+    """
+    if thresholds is None:
+        thresholds = [model.mask_threshold]
+    binary = getattr(model, "postprocess_thresholded", None)
+    if binary is not None:
+        return binary(low_res, input_size, original_size, thresholds)
+    logits = model.postprocess_masks(low_res, input_size, original_size)
+    return [logits > t for t in thresholds]
 
 
 def _decoder_tensors(model) -> tuple[torch.Tensor, ...]:
