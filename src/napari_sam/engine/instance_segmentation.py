@@ -36,7 +36,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 from scipy import ndimage
 
-from .automatic import _is_real
+from .automatic_params import _is_real
 from .watershed import seeded_watershed
 
 __all__ = ["AisParameters", "instances_from_decoder_outputs", "seed_markers", "smooth"]

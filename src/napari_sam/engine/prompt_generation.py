@@ -50,7 +50,8 @@ from skimage.measure import label as label_regions
 from skimage.segmentation import find_boundaries
 
 from .amg_utils import batched_mask_to_box, stability_score
-from .automatic import Progress, _is_int, _is_real, run_to_end
+from .automatic import Progress, run_to_end
+from .automatic_params import _is_int, _is_real
 from .instance_segmentation import seed_markers
 from .mask_set import CompactMask, MaskSet
 

@@ -46,3 +46,20 @@ def raise_if_stopped() -> None:
     check = getattr(_local, "check", None)
     if check is not None and check():
         raise Stopped()
+
+
+class StopCheck:
+    """For a job that runs as a generator (where a ``stop_when`` block cannot stay open
+    across its yields): calling it raises :class:`Stopped` once ``cancel`` (a
+    ``threading.Event``, or None) is set or this thread's :func:`stop_when` check says so.
+
+    ``cancel`` stays available to pass on (e.g. ``encode_image(cancel=check.cancel)``).
+    """
+
+    def __init__(self, cancel=None) -> None:
+        self.cancel = cancel
+
+    def __call__(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Stopped()
+        raise_if_stopped()
