@@ -146,3 +146,32 @@ def test_preview_after_transposing_a_square_plane_keeps_no_stale_pixels(viewer, 
     np.testing.assert_array_equal(preview_plane_view(preview, swapped), expected)
     shown = preview._slice.image  # and on screen: the displayed colours are the data's
     np.testing.assert_array_equal(shown.view, preview._raw_to_displayed(shown.raw))
+
+
+def test_preview_never_paints_a_displayed_slice_that_is_not_its_data(viewer, qtbot):
+    """The in-place redraw paints from napari's displayed slice only while that slice is
+    a view of the layer's current data; a stale one (a view of other memory) makes it
+    refresh in full, so the screen shows the new data."""
+    import dataclasses
+
+    from napari_sam._napari.geometry import current_plane
+    from napari_sam._napari.prompt_layers import ensure_preview_layer, show_preview
+
+    layer = viewer.add_image(np.zeros((5, 64, 64), np.uint8), name="cube")
+    plane = current_plane(viewer.dims, layer)
+    preview = ensure_preview_layer(viewer, layer, plane)
+    qtbot.wait(50)
+    in_place = []
+    preview.events.labels_update.connect(lambda event: in_place.append(event.offset))
+    show_preview(preview, plane, np.ones((10, 20), np.uint8), (5, 30))
+    assert len(in_place) == 1  # the normal case: drawn in place
+    shown = preview._slice.image
+    stale = np.zeros_like(preview.data)[0]  # a view, but of memory that is not the layer's
+    state = preview._slicing_state  # as if a slice of other data were still displayed
+    state._slice = dataclasses.replace(state._slice, image=dataclasses.replace(shown, raw=stale))
+    show_preview(preview, plane, np.full((8, 8), 2, np.uint8), (40, 40))
+    assert len(in_place) == 1  # not in place: a full refresh
+    shown = preview._slice.image
+    assert np.shares_memory(shown.raw, preview.data)
+    np.testing.assert_array_equal(shown.view, preview._raw_to_displayed(shown.raw))
+    assert (shown.raw[40:48, 40:48] == 2).all() and not shown.raw[:40].any()
