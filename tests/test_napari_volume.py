@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import pytest
-
 from oracle import OracleSam
 
 pytestmark = pytest.mark.gui
@@ -128,7 +127,11 @@ def test_preview_after_transposing_a_square_plane_keeps_no_stale_pixels(viewer, 
     box drawn before the swap belongs to the other orientation, so drawing the next
     preview clears the whole plane, not that box read the other way round."""
     from napari_sam._napari.geometry import current_plane
-    from napari_sam._napari.prompt_layers import ensure_preview_layer, preview_plane_view, show_preview
+    from napari_sam._napari.prompt_layers import (
+        ensure_preview_layer,
+        preview_plane_view,
+        show_preview,
+    )
 
     layer = viewer.add_image(np.zeros((5, 64, 64), np.uint8), name="cube")
     plane = current_plane(viewer.dims, layer)
