@@ -32,25 +32,10 @@ import time
 
 import numpy as np
 import torch
+from bench_widget_latency import build_model, make_image
 from common import cpu_name, write_section
 
 VARIANTS = ("activity dock (before)", "plain")
-
-
-def build_model(model_type: str):
-    from napari_sam.model import build_model, get_config
-
-    torch.manual_seed(0)
-    model = build_model(get_config(model_type)).eval()
-    model.checkpoint_sha256 = "random-weights"
-    return model
-
-
-def make_image(size: int) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:size, :size]
-    img = ((np.sin(xx / 37.0) + np.cos(yy / 23.0)) * 60 + 128).astype(np.float32)
-    return np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
 
 
 def configure(variant: str, runner) -> None:
@@ -119,7 +104,7 @@ def run(models: list[str], size: int, repeats: int) -> dict:
         _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")
         widget.segmenter.auto_encode = False
         for model_type in models:
-            widget.set_model(build_model(model_type))
+            widget.set_model(build_model(model_type, "auto"))
             widget.set_image_layer(layer)
             for _ in range(20):
                 QApplication.processEvents()
