@@ -311,3 +311,40 @@ def test_an_unreachable_scheduler_is_one_line_before_the_model_loads(tmp_path):
     assert line.startswith("napari-sam embed: error: cannot start or reach the Dask cluster "
                            "(--scheduler tcp://127.0.0.1:9)")
     assert not (tmp_path / "s.zarr").exists()
+
+
+def _square_after(x: int) -> int:
+    import time
+
+    time.sleep(0.5 if x else 0.0)
+    return x * x
+
+
+def _results_held(dask_worker) -> list:
+    return list(dask_worker.data.values())
+
+
+def test_a_result_lost_with_its_worker_is_computed_again():
+    """A task that ended on a worker killed before the client fetched its result: the
+    scheduler runs it again and run_tasks waits for it (it is not a failed task)."""
+    import os
+    import signal
+    import time
+
+    with open_cluster(workers=2) as own:
+        results = run_tasks(own, _square_after, [0, 1, 2, 3])
+        got = [next(results)]  # task 0; the others finish meanwhile, their results unfetched
+        deadline = time.monotonic() + 60
+        while not all(s.status == "finished" for s in own.futures.values()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        held = own.run(_results_held)  # {worker address: results it holds}
+        victim = next(a for a, values in held.items() if set(values) - {0})  # unfetched ones
+        lost = {k for k, ws in own.who_has().items() if list(ws) == [victim]}
+        pid = own.run(os.getpid, workers=[victim])[victim]
+        os.kill(pid, signal.SIGKILL)
+        while not any(own.futures[k].status != "finished" for k in lost if k in own.futures):
+            assert time.monotonic() < deadline  # the client has heard that they are lost
+            time.sleep(0.05)
+        got += list(results)
+    assert sorted(got) == [(0, 0), (1, 1), (2, 4), (3, 9)]

@@ -161,8 +161,9 @@ def run_tasks(client, function: Callable, tasks: Sequence, *, cancel: threading.
     Yields ``(i, result)`` as each task ``i`` finishes (in completion order); returns True
     when all finished, False when ``cancel`` was set (checked every :data:`POLL_S` s; the
     tasks not yet finished are cancelled). Closing the generator (or Ctrl-C) cancels them
-    too. A task that fails — an exception, or its worker died in it three times — cancels
-    the rest and raises :class:`WorkerError` with one line.
+    too. A task whose finished result was lost with its worker is run again. A task that
+    fails — an exception, or its worker died in it three times — cancels the rest and raises
+    :class:`WorkerError` with one line.
     """
     from distributed import as_completed
 
@@ -179,9 +180,14 @@ def run_tasks(client, function: Callable, tasks: Sequence, *, cancel: threading.
                 time.sleep(POLL_S)
                 continue
             for future in batch:
-                pending.discard(future)
-                if future.status != "finished":
+                if future.status in ("error", "cancelled"):
                     raise WorkerError(_failure(future))
+                if future.status != "finished":
+                    # its result was lost with its worker (killed after the task ended, before
+                    # the client fetched the result): the scheduler runs it again; wait for that
+                    finished.add(future)
+                    continue
+                pending.discard(future)
                 yield index[future.key], future.result()
         return True
     finally:
