@@ -109,3 +109,36 @@ def test_a_cache_reader_never_pairs_an_old_key_with_a_new_value():
     finally:
         sys.settrace(previous)
     assert seen and set(seen) == {"fp16 value"}
+
+
+def test_final_attention_runs_only_for_the_token_rows_read(tiny_sam):
+    """The final token->image attention is computed for the IoU token of every prompt and
+    the mask tokens asked for of the prompts whose masks are made, never for the point
+    tokens, and a row's result is the one the full attention gives it."""
+    model = copy.deepcopy(tiny_sam)
+    predictor = predictor_with_image(model)
+    attention = model.mask_decoder.transformer.final_attn_token_to_image
+    rows_seen = []
+    attention.q_proj.register_forward_hook(lambda m, args, out: rows_seen.append(tuple(args[0].shape[:2])))
+    coords = torch.rand(9, 2, 2, generator=torch.Generator().manual_seed(1)) * 250
+    labels = torch.ones(9, 2, dtype=torch.int)
+    with torch.inference_mode():
+        predictor.decode_low_res(coords, labels, multimask_output=True)
+        assert rows_seen == [(9, 1), (9, 3)]  # of 1 IoU + 4 mask + 2 point tokens
+        rows_seen.clear()
+        predictor.decode_low_res(coords, labels, multimask_output=False)
+        assert rows_seen == [(9, 1), (9, 1)]
+        rows_seen.clear()
+        _, iou = predictor.decode_low_res(coords, labels)
+        threshold = float(iou.max(dim=1).values.median())
+        kept, _, _ = predictor.decode_low_res_above(coords, labels, threshold)
+        assert rows_seen == [(9, 1), (9, 3), (9, 1), (len(kept), 3)] and 0 < len(kept) < 9
+
+        transformer = model.mask_decoder.transformer
+        queries, keys, key_pe = transformer.two_way_layers(
+            None, None, torch.randn(2, 7, transformer.embedding_dim), predictor._image_side_cache()
+        )
+        tokens = torch.randn_like(queries)
+        every_row = transformer.final_tokens(queries, keys, key_pe, tokens)
+        some_rows = transformer.final_tokens(queries, keys, key_pe, tokens, [0, 2, 3])
+    torch.testing.assert_close(some_rows, every_row[:, [0, 2, 3]], rtol=0, atol=1e-5)

@@ -83,25 +83,34 @@ class MaskDecoder(nn.Module):
         _, c, h, w = image_embeddings.shape
         # with a cache the transformer already has the image tokens (embedding + dense)
         src = None if cache is not None else image_embeddings + dense_prompt_embeddings
-        hs, src_tokens = self.transformer(src, image_pe, tokens, cache)  # src_tokens (B, HW, C)
-        iou_token_out = hs[:, 0]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]  # (B, M, C)
-
+        transformer = self.transformer
+        queries, src_tokens, key_pe = transformer.two_way_layers(src, image_pe, tokens, cache)
+        # the final attention only for the token rows read: the IoU token of every prompt
+        # (row 0), then the K mask tokens asked for (rows 1 + k), of the prompts kept
+        iou_token_out = transformer.final_tokens(queries, src_tokens, key_pe, tokens, [0])[:, 0]
         keep = slice(1, None) if multimask_output else slice(0, 1)
+        mask_rows = [1 + k for k in range(self.num_mask_tokens)][keep]
         mlps = list(self.output_hypernetworks_mlps)[keep]
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, keep][:, i]) for i, mlp in enumerate(mlps)], dim=1
-        )  # (B, K, C/8) for the K masks asked for
         iou_pred = self.iou_prediction_head(iou_token_out)[:, keep]  # (B, K)
+
         if min_iou is None:
-            return self._upscale_and_project(src_tokens.reshape(b, h, w, c), hyper_in), iou_pred
-        # in float32, as callers filter the returned IoU: a bf16 comparison would round
-        # min_iou to bf16 first and drop prompts between it and min_iou
-        rows = (iou_pred.float() > min_iou).any(dim=1).nonzero()[:, 0]  # (B',)
-        if len(rows) == 0:
-            return src_tokens.new_zeros(0, iou_pred.shape[1], 4 * h, 4 * w), iou_pred, rows
-        src_tokens = src_tokens.expand(b, -1, -1)[rows]  # (B', HW, C)
-        masks = self._upscale_and_project(src_tokens.reshape(len(rows), h, w, c), hyper_in[rows])
+            rows = None
+        else:
+            # in float32, as callers filter the returned IoU: a bf16 comparison would round
+            # min_iou to bf16 first and drop prompts between it and min_iou
+            rows = (iou_pred.float() > min_iou).any(dim=1).nonzero()[:, 0]  # (B',)
+            if len(rows) == 0:
+                return src_tokens.new_zeros(0, iou_pred.shape[1], 4 * h, 4 * w), iou_pred, rows
+            src_tokens = src_tokens.expand(b, -1, -1)[rows]  # (B', HW, C)
+            queries, tokens = queries[rows], tokens[rows]
+        n = len(queries)
+        mask_tokens_out = transformer.final_tokens(queries, src_tokens, key_pe, tokens, mask_rows)  # (n, K, C)
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(mlps)], dim=1
+        )  # (n, K, C/8) for the K masks asked for
+        masks = self._upscale_and_project(src_tokens.expand(n, -1, -1).reshape(n, h, w, c), hyper_in)
+        if rows is None:
+            return masks, iou_pred
         return masks, iou_pred, rows
 
     def _upscale_and_project(self, src: Tensor, hyper_in: Tensor) -> Tensor:

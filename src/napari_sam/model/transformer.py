@@ -4,6 +4,11 @@ Image tokens may come with batch size 1 while the prompt tokens have batch B: ev
 image-side computation that does not depend on the prompt (the first layer's key/value
 projections of the image and its query projection) then runs once, not B times, and
 broadcasting gives results identical to repeating the image B times.
+
+The final token->image attention treats each token row on its own, so only the rows a
+caller reads are computed (:meth:`TwoWayTransformer.final_tokens`): the IoU token for every
+prompt, the mask tokens of the masks asked for (three of four when multimask, none of the
+point tokens), and only for prompts whose masks are made.
 """
 
 from __future__ import annotations
@@ -99,6 +104,24 @@ class Attention(nn.Module):
         attn = torch.softmax(logits, dim=-1)
         # attn @ (x Wv^T + bv) = (attn @ x) Wv^T + bv, as attention rows sum to 1
         mixed = (attn @ image_v).reshape(b, heads, t, -1)  # (B, h, T, C)
+        out = torch.einsum("bhtc,hdc->bhtd", mixed, self._head_weights(self.v_proj))
+        out = out + self.v_proj.bias.reshape(heads, 1, d)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, heads * d))
+
+    def tokens_to_image_with_pe(self, tokens: Tensor, image: Tensor, image_pe: Tensor) -> Tensor:
+        """``tokens_to_image(tokens, image + image_pe, image)`` without making the (B, N, C)
+        sum: the key logits of ``image_pe`` (1, N, C), shared by every prompt, are one
+        matmul of all B*h*T folded rows. tokens (B, T, C), image (B or 1, N, C) -> (B, T, C)."""
+        b, t, _ = tokens.shape
+        heads = self.num_heads
+        q = self.split_heads(self.q_proj(tokens))  # (B, h, T, d)
+        d = q.shape[-1]
+        qk = torch.einsum("bhtd,hdc->bhtc", q * (1 / math.sqrt(d)), self._head_weights(self.k_proj))
+        qk = qk.reshape(b, heads * t, -1)  # (B, hT, C) folded query rows
+        pe_logits = (qk.reshape(1, b * heads * t, -1) @ image_pe.transpose(1, 2)).reshape(b, heads * t, -1)
+        logits = torch.baddbmm(pe_logits, qk, image.transpose(1, 2))  # (B, hT, N)
+        attn = torch.softmax(logits, dim=-1)
+        mixed = (attn @ image).reshape(b, heads, t, -1)  # (B, h, T, C)
         out = torch.einsum("bhtc,hdc->bhtd", mixed, self._head_weights(self.v_proj))
         out = out + self.v_proj.bias.reshape(heads, 1, d)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, heads * d))
@@ -294,6 +317,21 @@ class TwoWayTransformer(nn.Module):
         Returns:
             tokens (B, T, C) and image tokens (B, HW, C).
         """
+        queries, keys, key_pe = self.two_way_layers(image_embedding, image_pe, point_embedding, cache)
+        return self.final_tokens(queries, keys, key_pe, point_embedding), keys
+
+    def two_way_layers(
+        self,
+        image_embedding: Tensor | None,
+        image_pe: Tensor | None,
+        point_embedding: Tensor,
+        cache: ImageSideCache | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The two-way layers without the final attention (arguments as :meth:`forward`).
+
+        Returns:
+            tokens (B, T, C), image tokens (B, HW, C) and their positional encoding (1, HW, C).
+        """
         if cache is not None:  # (the flattening was done once for this image)
             keys, key_pe = cache.keys, cache.key_pe
         else:
@@ -304,6 +342,29 @@ class TwoWayTransformer(nn.Module):
             queries, keys = layer(
                 queries, keys, point_embedding, key_pe, cache if i == 0 else None
             )
-        q = queries + point_embedding
-        queries = queries + self.final_attn_token_to_image.tokens_to_image(q, keys + key_pe, keys)
-        return self.norm_final_attn(queries), keys
+        return queries, keys, key_pe
+
+    def final_tokens(
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        key_pe: Tensor,
+        point_embedding: Tensor,
+        rows: list[int] | None = None,
+    ) -> Tensor:
+        """The final token->image attention and norm for token ``rows`` only (all: None).
+
+        Each token row attends on its own, so a row's result does not depend on which
+        other rows are computed.
+
+        Args:
+            queries: (B, T, C) tokens from :meth:`two_way_layers`; point_embedding (B, T, C).
+            keys: (B, HW, C) image tokens; key_pe (1, HW, C).
+        Returns:
+            (B, R, C) tokens for the R rows.
+        """
+        if rows is not None:
+            queries, point_embedding = queries[:, rows], point_embedding[:, rows]
+        attention = self.final_attn_token_to_image
+        queries = queries + attention.tokens_to_image_with_pe(queries + point_embedding, keys, key_pe)
+        return self.norm_final_attn(queries)
