@@ -132,20 +132,25 @@ class Attention(nn.Module):
         tokens_k: Tensor,
         tokens_v: Tensor,
         projected_q: Tensor | None = None,
+        residual: Tensor | None = None,
     ) -> Tensor:
-        """Image tokens attend to prompt tokens -> (B, N, C).
+        """Image tokens attend to prompt tokens -> (B, N, C), plus ``residual`` if given.
 
         Args:
             image_q: (B or 1, N, C) image queries (ignored when ``projected_q`` is given).
             tokens_k, tokens_v: (B, T, C).
             projected_q: (1, h, N, d) ``split_heads(q_proj(image_q))`` if already known.
+            residual: (B or 1, N, C) added to the result inside its matmul (no extra pass
+                over the B x N x C output).
         """
         b, t, _ = tokens_k.shape
         if not self._fold_pays(t):
             if projected_q is None:
-                return self.forward(image_q, tokens_k, tokens_v)
-            k = self.split_heads(self.k_proj(tokens_k))
-            return self.attend(projected_q, k, self.split_heads(self.v_proj(tokens_v)))
+                out = self.forward(image_q, tokens_k, tokens_v)
+            else:
+                k = self.split_heads(self.k_proj(tokens_k))
+                out = self.attend(projected_q, k, self.split_heads(self.v_proj(tokens_v)))
+            return out if residual is None else residual + out
         heads = self.num_heads
         k = self.split_heads(self.k_proj(tokens_k))  # (B, h, T, d)
         d = k.shape[-1]
@@ -165,9 +170,15 @@ class Attention(nn.Module):
         v = self.split_heads(self.v_proj(tokens_v))  # (B, h, T, d)
         # out_proj folded into the values: (h, T) token rows of width C
         w_out = self.out_proj.weight.reshape(-1, heads, d)  # (C, h, d)
-        vo = torch.einsum("bhtd,chd->bhtc", v, w_out).reshape(b, heads * t, -1)
+        vo = torch.einsum("bhtd,chd->bhtc", v, w_out)  # (B, h, T, C)
         attn = attn.reshape(b, heads * t, -1).transpose(1, 2)  # (B, N, hT)
-        return torch.baddbmm(self.out_proj.bias, attn, vo)  # (B, N, C), bias added in the matmul
+        if residual is None:
+            return torch.baddbmm(self.out_proj.bias, attn, vo.reshape(b, heads * t, -1))  # (B, N, C)
+        # each head's attention row sums to 1 over the T tokens, so out_proj's bias spread
+        # over the heads' value rows adds it once per image token: residual + attention out
+        # in one matmul
+        vo = (vo + self.out_proj.bias / heads).reshape(b, heads * t, -1)
+        return torch.baddbmm(residual, attn, vo)  # (B, N, C)
 
 
 @dataclass
@@ -252,8 +263,8 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm3(queries + self.mlp(queries))
 
         projected = cache.i2t_queries if cache is not None else None
-        attn_out = i2t.image_to_tokens(keys_pe, queries + query_pe, queries, projected)
-        keys = self.norm4(keys + attn_out)  # (B, HW, C)
+        keys = i2t.image_to_tokens(keys_pe, queries + query_pe, queries, projected, residual=keys)
+        keys = self.norm4(keys)  # (B, HW, C)
         return queries, keys
 
 
