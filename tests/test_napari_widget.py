@@ -285,3 +285,41 @@ def test_tiny_sam_plumbing(viewer, make_widget, tiny_sam):
     masks = widget.current_masks
     assert masks.shape == (2, 50, 80)  # two boxes: two objects
     assert len(widget.commit().label_ids) == sum(bool(m.any()) for m in masks)
+
+
+class CountingOracle(OracleSam):
+    """The oracle counting its per-image decoder work (it counts decoder calls itself)."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.image_side_calls = 0
+
+    def image_side_cache(self, features):
+        self.image_side_calls += 1
+        return super().image_side_cache(features)
+
+
+def test_first_click_after_an_encode_finds_the_decoder_work_done(viewer, make_widget, qtbot):
+    """The per-image decoder work is done when the encode ends (background or wait=True),
+    not on the first click."""
+    from test_napari_first_hour import click
+
+    stack = np.stack([objects_2d(shift=6 * z)[0] for z in range(2)])
+    layer = viewer.add_image(stack, name="stack")
+    viewer.dims.set_point(0, 0)
+    model = CountingOracle(image_size=256)
+    widget = make_widget(model)  # encodes z=0 in the worker
+    qtbot.waitUntil(lambda: model.image_side_calls == 1, timeout=15000)
+    viewer.reset_view()
+    qtbot.wait(50)
+    click(viewer, qtbot, layer.data_to_world([0, *centroid(objects_2d()[1] == 2)])[1:])
+    assert iou(widget.current_masks[0], objects_2d()[1] == 2) >= 0.95
+    assert model.image_side_calls == 1 and model.decode_calls == 1
+    widget.clear()
+    widget.segmenter.auto_encode = False
+    viewer.dims.set_point(0, 1)
+    assert widget.encode_current_slice(wait=True)
+    assert model.image_side_calls == 2
+    widget.add_point(layer.data_to_world([1, *centroid(objects_2d(shift=6)[1] == 3)]))
+    assert iou(widget.current_masks[0], objects_2d(shift=6)[1] == 3) >= 0.95
+    assert model.image_side_calls == 2 and model.decode_calls == 2

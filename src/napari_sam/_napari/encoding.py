@@ -100,6 +100,7 @@ class SliceEncoder:
             layer, plane = self._shown()
             self._active = (key, self.session.embedding(layer, plane))
             self.activate()
+            self._prepare_decoder()
             return True
         if self.runner.running:
             self._pending = self._pending or self._job_key != key
@@ -118,7 +119,15 @@ class SliceEncoder:
             return  # the user moved on: cached for later, not applied here
         self._active = (key, embedding)
         if self.activate():
+            self._prepare_decoder()
             self._on_ready()
+
+    def _prepare_decoder(self) -> None:
+        """Do the predictor's per-image decoder work (the image-side projections every
+        prompt reuses) now that the encode ended, so the first click does not wait for it.
+        Only here: slices activated again from the cache (scrolling) prepare lazily, on
+        their first prompt."""
+        self.session.predictor._image_side_cache()
 
     def _on_error(self, exc) -> None:
         self.failed_key = self._job_key
