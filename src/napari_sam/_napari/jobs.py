@@ -6,6 +6,8 @@ store, segmenting everything, opening a store) runs through :class:`JobRunner`:
 * **inputs captured on the GUI thread**: the caller builds the generator (reading layers,
   contrast limits, parameters) before :meth:`JobRunner.start`; the worker thread only
   iterates it;
+* **the start is painted first**: the status line and Stop button a job changes are
+  repainted before its worker starts (:func:`_paint_pending_now`);
 * **progress**: on the widget's own bar and status line; napari's activity dock only for
   jobs that ask (``activity=True``: model downloads, tile encoding), because its animated
   "in progress" indicator repaints the whole window ~25 times a second, and where OpenGL is
@@ -159,8 +161,9 @@ class JobRunner:
             self._bar.setRange(0, max(int(total), 1))  # never 0, 0: an animated busy indicator
             self._bar.setValue(0)
         self.job = job
-        worker.start()
         self.busy_changed.emit(True)
+        _paint_pending_now()  # before the worker takes the cores (see the function)
+        worker.start()
         return worker
 
     def step(self, done: int, total: int | None = None) -> None:
@@ -259,6 +262,25 @@ class JobRunner:
             return True
         job.cancel.set()
         return job.ended.wait(timeout)
+
+
+def _paint_pending_now() -> None:
+    """Lay out and repaint, now, the widgets changed so far (the job's status line, its
+    Stop button), before its worker starts.
+
+    A repaint of a napari window is a whole-window composition (the canvas is an OpenGL
+    widget); with software OpenGL (VMs, remote desktops, Xvfb) it takes ~40 ms, and
+    2-3x that once an encoder's torch threads hold every core: done here, it is not a
+    GUI stall of the encode (benchmarks/bench_gui_stall.py). Only layout and update
+    requests are delivered, so no user input or queued signal runs here.
+    """
+    from qtpy.QtCore import QCoreApplication, QEvent
+
+    if QCoreApplication.instance() is None:
+        return
+    for _ in range(3):  # a relayout (a longer status text) posts one more repaint
+        QCoreApplication.sendPostedEvents(None, QEvent.Type.LayoutRequest)
+        QCoreApplication.sendPostedEvents(None, QEvent.Type.UpdateRequest)
 
 
 def notify_error(message: str) -> None:
