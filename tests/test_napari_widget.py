@@ -323,3 +323,49 @@ def test_first_click_after_an_encode_finds_the_decoder_work_done(viewer, make_wi
     widget.add_point(layer.data_to_world([1, *centroid(objects_2d(shift=6)[1] == 3)]))
     assert iou(widget.current_masks[0], objects_2d(shift=6)[1] == 3) >= 0.95
     assert model.image_side_calls == 2 and model.decode_calls == 2
+
+
+def test_a_click_is_decoded_on_the_press_once(viewer, make_widget, qtbot):
+    """In the points layer's add mode the press already shows the preview of the point
+    the release adds (decoded once); a press that turns into a drag (napari pans, no
+    point) puts the previous preview back."""
+    from qtpy.QtCore import QPoint, Qt
+    from qtpy.QtTest import QTest
+    from test_napari_first_hour import canvas_point, click
+
+    img, truth = objects_2d()
+    layer = viewer.add_image(img, name="cells")
+    model = CountingOracle(image_size=256)
+    widget = make_widget(model, auto_encode=False)
+    assert widget.encode_current_slice(wait=True)
+    viewer.reset_view()
+    qtbot.wait(50)
+    points, preview = viewer.layers["SAM points"], viewer.layers["SAM preview"]
+    native = viewer.window._qt_viewer.canvas.native
+    left, none = Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
+    pos = canvas_point(viewer, layer.data_to_world(centroid(truth == 2)))
+    QTest.mousePress(native, left, none, pos)
+    assert len(points.data) == 0 and model.decode_calls == 1  # held: no point yet, masks made
+    assert iou(widget.current_masks[0], truth == 2) >= 0.95
+    np.testing.assert_array_equal(preview.data > 0, widget.current_masks[0])
+    QTest.mouseRelease(native, left, none, pos)
+    assert len(points.data) == 1 and model.decode_calls == 1  # the release's point: the same masks
+    np.testing.assert_allclose(points.data[0], layer.world_to_data(layer.data_to_world(centroid(truth == 2))),
+                               atol=1.0)
+    shown = widget.segmenter.prediction
+    qtbot.wait(50)
+
+    start = canvas_point(viewer, layer.data_to_world(centroid(truth == 3)))
+    QTest.mousePress(native, left, none, start)
+    assert model.decode_calls == 2 and len(points.data) == 1
+    for step in range(1, 5):  # a drag: napari pans the view
+        QTest.mouseMove(native, start + QPoint(10 * step, 0))
+    QTest.mouseRelease(native, left, none, start + QPoint(40, 0))
+    assert len(points.data) == 1 and widget.segmenter.prediction is shown
+    assert iou(widget.current_masks[0], truth == 2) >= 0.95
+    np.testing.assert_array_equal(preview.data > 0, widget.current_masks[0])
+    qtbot.wait(50)
+    click(viewer, qtbot, layer.data_to_world(centroid(truth == 2) + 3))  # same object, 2 points
+    assert len(points.data) == 2 and model.decode_calls == 3
+    widget.cleanup()  # a closed widget no longer listens to presses
+    assert not any(getattr(cb, "__self__", None) is widget.segmenter for cb in viewer.mouse_drag_callbacks)

@@ -302,23 +302,31 @@ def _partial_refresh(layer: Labels, plane: SlicePlane, box) -> bool:
     return True
 
 
-def read_points(points: Points, image, plane: SlicePlane) -> tuple[np.ndarray, np.ndarray, int]:
+def read_points(points: Points, image, plane: SlicePlane, adding=None) -> tuple[np.ndarray, np.ndarray, int]:
     """Point prompts of ``plane``.
 
+    Args:
+        adding: (ndim,) data coordinates of a point about to be added with the layer's
+            default polarity (``feature_defaults``), read as its last point; None: none.
     Returns:
         points_rc (N, 2) float (row, col) in image data pixels, point_labels (N,) int
         (1 positive, 0 negative), and how many points of this plane fell outside the image.
     """
     data = np.asarray(points.data, dtype=float)
+    if "positive" in points.features:
+        positive = np.asarray(points.features["positive"], dtype=bool)
+    else:
+        positive = np.ones(len(data), dtype=bool)
+    if adding is not None:
+        default = points.feature_defaults.get("positive", [True])
+        data = np.concatenate([data.reshape(-1, points.ndim), np.asarray(adding, float).reshape(1, -1)])
+        positive = np.append(positive, bool(np.asarray(default)[0]))
     if len(data) == 0:
         return np.zeros((0, 2)), np.zeros(0, dtype=int), 0
     coords = map_coords(data, affine_between(points, image))
     keep = on_plane(coords, plane)
     rc = to_rc(coords[keep], plane)
-    if "positive" in points.features:
-        positive = np.asarray(points.features["positive"], dtype=bool)[keep]
-    else:
-        positive = np.ones(len(rc), dtype=bool)
+    positive = positive[keep]
     ok = inside(rc, plane.shape_hw)
     return rc[ok], positive[ok].astype(int), int((~ok).sum())
 

@@ -44,6 +44,8 @@ from .prompt_layers import (
 )
 from .tiled_segmenter import TiledPlanes
 
+DRAG_THRESHOLD_PX = 5  # napari's Points "add": a press that moves this far (canvas px) pans
+
 
 class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
     """Interactive SAM segmentation in ``viewer`` through ``session``.
@@ -72,6 +74,7 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         self.overwrite, self.auto_encode, self.multimask = False, True, "auto"
         self.plane: SlicePlane | None = None
         self.prediction: Prediction | None = None
+        self._decoded: tuple | None = None  # (decode key, the Prediction decoded from it)
         self.rank = 0
         self.refine_id: int | None = None
         self._refine_mask = None
@@ -96,6 +99,7 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         ]
         for signal, slot in self._connections:
             signal.connect(slot)
+        viewer.mouse_drag_callbacks.append(self._on_press)
 
     def close(self) -> None:
         """Stop and join the background encoding; disconnect from the viewer and the
@@ -105,6 +109,8 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
             with contextlib.suppress(Exception):
                 signal.disconnect(slot)
         self._connections = []
+        with contextlib.suppress(ValueError):
+            self.viewer.mouse_drag_callbacks.remove(self._on_press)
         self._disconnect_prompt_layers()
 
     # ------------------------------------------------------------------ state
@@ -243,6 +249,33 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
             return
         self.update_preview()
 
+    def _on_press(self, viewer, event):
+        """A press that napari's Points "add" mode will turn into a point (on release,
+        if the mouse stays within its drag threshold): decode with that point now, so the
+        preview is drawn while the button is held; the release's point then finds its
+        masks made (:meth:`update_preview` does not decode the same prompts twice). A
+        press that becomes a drag (napari pans) puts the previous preview back."""
+        points = self.points_layer
+        if (event.button != 1 or event.modifiers or self._muted or points is None or self.tiles is not None
+                or self.plane is None or viewer.layers.selection.active is not points or points.mode != "add"
+                or not points.visible or viewer.dims.ndisplay != 2 or not self.session.has_model
+                or not self.encoder.activate()):
+            return
+        before = self.prediction, self._decoded
+        self._predict(*self._prompts(adding=points.world_to_data(event.position)))
+        start = np.asarray(event.pos, float)
+        yield
+        while event.type == "mouse_move":
+            if np.linalg.norm(np.asarray(event.pos, float) - start) >= DRAG_THRESHOLD_PX:
+                break  # a drag: napari pans, no point is added
+            yield
+        else:
+            return  # released: napari adds the point (or not: then the next prompt decodes)
+        if self.prediction is not None and self.prediction is not before[0] and self.plane is not None:
+            self.prediction, self._decoded = before
+            self._show(self.prediction)
+            self.changed.emit()
+
     def _on_layer_removed(self, event) -> None:
         layer = event.value
         if layer is self.image_layer:
@@ -304,10 +337,12 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         self.update_preview()
         self.changed.emit()
 
-    def _prompts(self):
+    def _prompts(self, adding=None):
+        """(points_rc, point_labels, boxes_xyxy, outside) of the shown plane; ``adding``: a
+        point (data coordinates of the points layer) about to be added, read with them."""
         empty = (np.zeros((0, 2)), np.zeros(0, int), 0)
         source = self.source
-        pts = read_points(self.points_layer, source, self.plane) if self.points_layer else empty
+        pts = read_points(self.points_layer, source, self.plane, adding) if self.points_layer else empty
         boxes = read_boxes(self.boxes_layer, source, self.plane) if self.boxes_layer else (np.zeros((0, 4)), 0)
         return pts[0], pts[1], boxes[0], pts[2] + boxes[1]
 
@@ -315,7 +350,10 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         """Decode the prompts of the shown slice and show the result (no re-encoding)."""
         if self.image_layer is None or self.plane is None:
             return
-        points_rc, point_labels, boxes_xyxy, outside = self._prompts()
+        self._predict(*self._prompts())
+
+    def _predict(self, points_rc, point_labels, boxes_xyxy, outside) -> None:
+        """:meth:`update_preview` for given prompts of the shown plane."""
         if outside:
             self.report(f"ignored {outside} prompt(s) outside the image '{self.image_layer.name}'")
         if len(points_rc) == 0 and len(boxes_xyxy) == 0 and self.refine_id is None:
@@ -336,9 +374,22 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
             else:
                 self.report("this slice is not encoded yet: encode it to apply the prompts")
             return
-        self.prediction = self._decode(points_rc, point_labels, boxes_xyxy)
-        self._show(self.prediction)
+        key = self._decode_key(points_rc, point_labels, boxes_xyxy)
+        shown = self._decoded is not None and self._decoded[1] is self.prediction and self._decoded[0] == key
+        if self.prediction is None or not shown:  # else these very masks are shown already
+            self.prediction = self._decode(points_rc, point_labels, boxes_xyxy)
+            self._decoded = (key, self.prediction)
+            self._show(self.prediction)
         self.changed.emit()
+
+    def _decode_key(self, points_rc, point_labels, boxes_xyxy) -> tuple:
+        """What a decode of the shown plane depends on: prompts, refined object, candidate
+        rule, embedding and model (equal keys give equal masks)."""
+        predictor = self.session.predictor
+        arrays = tuple((a.shape, a.tobytes()) for a in (np.asarray(points_rc, float), np.asarray(point_labels, int),
+                                                        np.asarray(boxes_xyxy, float)))
+        return (self.plane, arrays, self.refine_id, id(self._refine_mask), self.multimask, id(predictor),
+                id(predictor.get_embedding()))
 
     def _decode(self, points_rc, point_labels, boxes_xyxy) -> Prediction:
         predictor = self.session.predictor
