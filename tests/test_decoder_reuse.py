@@ -142,3 +142,17 @@ def test_final_attention_runs_only_for_the_token_rows_read(tiny_sam):
         every_row = transformer.final_tokens(queries, keys, key_pe, tokens)
         some_rows = transformer.final_tokens(queries, keys, key_pe, tokens, [0, 2, 3])
     torch.testing.assert_close(some_rows, every_row[:, [0, 2, 3]], rtol=0, atol=1e-5)
+
+
+def test_upscaled_masks_are_the_hypernetwork_projection_of_the_upscaling_convs(tiny_sam):
+    """The matmul upscaler (both pixel shuffles applied once, to the K projected masks)
+    gives the projection of the module's own transposed convs, LayerNorm and GELUs."""
+    decoder = tiny_sam.mask_decoder
+    generator = torch.Generator().manual_seed(0)
+    src = torch.randn(2, 5, 7, decoder.transformer_dim, generator=generator)  # (B, H, W, C)
+    hyper_in = torch.randn(2, 3, decoder.transformer_dim // 8, generator=generator)
+    with torch.no_grad():
+        masks = decoder._upscale_and_project(src, hyper_in)
+        upscaled = decoder.output_upscaling(src.permute(0, 3, 1, 2))  # (B, C/8, 4H, 4W)
+        expected = (hyper_in @ upscaled.flatten(2)).reshape(2, 3, 20, 28)
+    torch.testing.assert_close(masks, expected, rtol=0, atol=1e-5)

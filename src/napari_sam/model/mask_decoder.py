@@ -117,8 +117,10 @@ class MaskDecoder(nn.Module):
         """``hyper_in · output_upscaling(src)`` computed channels-last with matmuls.
 
         A 2x2 stride-2 transposed convolution maps each input pixel to its own 2x2 output
-        block, i.e. it is one matmul (Cin -> Cout*4) followed by a pixel shuffle. The second
-        shuffle is applied to the K projected masks instead of the C/8 channels (exact).
+        block, i.e. it is one matmul (Cin -> Cout*4) followed by a pixel shuffle. The layer
+        norm, GELUs, second convolution and projection all act on each pixel's channels
+        alone, so both shuffles are applied once, at the end, to the K projected masks
+        instead of the channels (exact: every value is computed from the same numbers).
 
         Args:
             src: (B, H, W, C) image tokens; hyper_in: (B, K, C/8).
@@ -129,22 +131,22 @@ class MaskDecoder(nn.Module):
         b, h, w, _ = src.shape
         linear1, linear2 = self._upscaler_linear
         x = self._conv_transpose_2x2(src, conv1, linear1)  # (B, H, W, 2, 2, C/4)
-        x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, -1)  # (B, 2H, 2W, C/4)
         x = F.gelu(F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps))
-        x = F.gelu(self._conv_transpose_2x2(x, conv2, linear2))  # (B, 2H, 2W, 2, 2, C/8)
+        x = F.gelu(self._conv_transpose_2x2(x, conv2, linear2))  # (B, H, W, 2, 2, 2, 2, C/8)
         masks = x.reshape(b, -1, x.shape[-1]) @ hyper_in.transpose(1, 2).to(x.dtype)
         k = hyper_in.shape[1]
-        # (B, 2H*2W*4, K) -> (B, 2H, 2W, 2, 2, K) -> (B, K, 2H, 2, 2W, 2) -> (B, K, 4H, 4W)
-        masks = masks.reshape(b, 2 * h, 2 * w, 2, 2, k).permute(0, 5, 1, 3, 2, 4)
+        # (B, H*W*16, K) -> (B, H, W, y1, x1, y2, x2, K), output pixel (4h + 2 y1 + y2,
+        # 4w + 2 x1 + x2) -> (B, K, H, y1, y2, W, x1, x2) -> (B, K, 4H, 4W)
+        masks = masks.reshape(b, h, w, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6)
         return masks.reshape(b, k, 4 * h, 4 * w)
 
     def _conv_transpose_2x2(
         self, x: Tensor, conv: nn.ConvTranspose2d, linear: DerivedFromParameters
     ) -> Tensor:
-        """(B, H, W, Cin) -> (B, H, W, 2, 2, Cout): stride-2 2x2 transposed conv, per pixel."""
+        """(..., Cin) -> (..., 2, 2, Cout): stride-2 2x2 transposed conv of each pixel."""
         weight, bias = self._as_linear(conv, linear)
-        out = F.linear(x, weight, bias)  # (B, H, W, 4*Cout)
-        return out.reshape(*x.shape[:3], 2, 2, conv.weight.shape[1])
+        out = F.linear(x, weight, bias)  # (..., 4*Cout)
+        return out.reshape(*x.shape[:-1], 2, 2, conv.weight.shape[1])
 
     @staticmethod
     def _as_linear(conv: nn.ConvTranspose2d, linear: DerivedFromParameters) -> tuple[Tensor, Tensor]:
