@@ -34,6 +34,11 @@ folded into its conv; a 2x2 transposed conv and the 3x3 conv after it merged int
 conv on the small grid; 1x1 convs before the bilinear upsampling (which commutes with
 them); concatenations and InstanceNorms written in place; no identity resize; the last
 conv only where the crop needs it.
+
+Cancel: a full-resolution stage is seconds on a CPU, so every 3x3 (and merged 2x2) conv runs
+in bands of output rows of a few GFLOP each, with a stop check (:func:`.raise_if_stopped`)
+after each band and between stages: a cancel acts within a band (tens of milliseconds on a
+quiet CPU). The bands compute exactly the convolution's rows (same result).
 """
 
 from __future__ import annotations
@@ -47,11 +52,12 @@ from torch import Tensor, nn
 
 from .checkpoint import CheckpointError
 from .config import SamConfig
-from .interrupt import Stopped
+from .interrupt import Stopped, raise_if_stopped, stop_when
 
 FEATURES = (512, 256, 128, 64)
 OUT_CHANNELS = 3  # foreground, centre distances, boundary distances
 _EPS = 1e-5  # InstanceNorm2d and BatchNorm2d default
+_BAND_FLOPS = 1 << 32  # ~4 GFLOP of conv between two stop checks: well under a second
 
 
 class _Upsampler(nn.Module):
@@ -100,7 +106,7 @@ class _UpBlock(nn.Module):
         else:
             weight, bias = _fold_batch_norm(self.block[1]["block"], self.block[2])
             x = _upsample(_conv_1x1(x, up.conv.weight, up.conv.bias))  # (B, Cout, 2S, 2S)
-            torch.clamp_min(F.conv2d(x, weight, bias, padding=1).permute(0, 2, 3, 1), 0, out=out)
+            _conv3x3_relu(x, weight, bias, out.permute(0, 3, 1, 2))
         return out.permute(0, 3, 1, 2)
 
     def _merged_weights(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -134,11 +140,11 @@ class _ConvPair(nn.Module):
     def forward(self, x: Tensor, inplace: bool = False, crop_hw: tuple[int, int] | None = None):
         conv1, conv2 = self.block[1], self.block[4]
         x = _instance_norm(x, inplace)
-        x = _instance_norm(F.conv2d(x, conv1.weight, conv1.bias, padding=1).relu_(), True)
+        x = _instance_norm(_conv3x3_relu(x, conv1.weight, conv1.bias), True)
         if crop_hw is not None:
             # rows/cols 0..h-1 of a zero-padded 3x3 conv read input rows/cols 0..h only
             x = x[..., : crop_hw[0] + 1, : crop_hw[1] + 1]
-        return F.conv2d(x, conv2.weight, conv2.bias, padding=1).relu_()
+        return _conv3x3_relu(x, conv2.weight, conv2.bias)
 
 
 class _Decoder(nn.Module):
@@ -150,11 +156,10 @@ class _Decoder(nn.Module):
         self.blocks = nn.ModuleList(_ConvPair(cin, cout) for cin, cout in pairs)
         self.samplers = nn.ModuleList(_Upsampler(cin, cout, transposed) for cin, cout in pairs)
 
-    def forward(self, x: Tensor, skips: list[Tensor], stop=lambda: None) -> Tensor:
-        """x: (B, 512, S, S), skips (z9, z6, z3), channels-last -> (B, 64, 8S, 8S).
-        ``stop()`` is called before each level (it raises to stop)."""
+    def forward(self, x: Tensor, skips: list[Tensor]) -> Tensor:
+        """x: (B, 512, S, S), skips (z9, z6, z3), channels-last -> (B, 64, 8S, 8S)."""
         for block, sampler, skip, c in zip(self.blocks, self.samplers, skips, FEATURES[1:]):
-            stop()
+            raise_if_stopped()
             B, _, Sh, Sw = skip.shape
             both = x.new_empty(B, Sh, Sw, 2 * c)  # cat(upsampled x, skip): (B, 2S, 2S, 2c)
             sampler(x, both[..., :c])
@@ -165,7 +170,8 @@ class _Decoder(nn.Module):
 
 
 class DecodingStopped(Stopped):
-    """Raised by :meth:`InstanceDecoder.forward` when its ``should_stop()`` said so."""
+    """Raised by :meth:`InstanceDecoder.forward` when its ``should_stop()`` (or the check
+    of an enclosing :func:`.stop_when`, e.g. a napari job's) said so."""
 
 
 class InstanceDecoder(nn.Module):
@@ -210,14 +216,25 @@ class InstanceDecoder(nn.Module):
             image_embeddings: (B, C, E, E) float, SAM image embeddings (E = img_size / 16).
             input_size: (h, w) of the image resized to longest side img_size, before padding.
             original_size: (H, W) of the original image.
-            should_stop: optional ``() -> bool`` asked between the ~10 stages (each well
-                under a second on a CPU); True raises :class:`DecodingStopped`.
+            should_stop: optional ``() -> bool`` asked between stages and between bands
+                of conv rows (a few GFLOP apart: well under a second on a CPU), as is the
+                check of an enclosing :func:`.stop_when`; True raises :class:`DecodingStopped`.
 
         Returns:
             (B, 3, H, W) float in [0, 1], contiguous: channel 0 foreground probability,
             1 distance to the object centre, 2 distance to the object boundary.
         """
         _check_inputs(image_embeddings, self.in_channels, self.img_size, input_size, original_size)
+        with stop_when(should_stop):
+            try:
+                return self._forward(image_embeddings, input_size, original_size)
+            except DecodingStopped:
+                raise
+            except Stopped:
+                raise DecodingStopped() from None
+
+    def _forward(self, image_embeddings: Tensor, input_size, original_size) -> Tensor:
+        """:meth:`forward` after the checks, under its stop check."""
         h, w = int(input_size[0]), int(input_size[1])
         B, _, Eh, Ew = image_embeddings.shape
         c = FEATURES[3]
@@ -226,30 +243,23 @@ class InstanceDecoder(nn.Module):
         )
         # the head reads cat(deconv_out(x), z0): both are written into this one buffer
         head = z12.new_empty(B, 16 * Eh, 16 * Ew, 2 * c)
-        def stop() -> None:
-            if should_stop is not None and should_stop():
-                raise DecodingStopped()
-
         z9 = self.deconv1(z12)  # (B, 512, 2E, 2E)
-        stop()
         z6 = self.deconv2(z9)  # (B, 256, 4E, 4E)
-        stop()
         z3 = self.deconv3(z6)  # (B, 128, 8E, 8E)
-        stop()
         self.deconv4(z3, out=head[..., c:])  # z0: (B, 64, 16E, 16E)
-        stop()
         x = self.base(z12)  # (B, 512, E, E)
-        x = self.decoder(x, [z9, z6, z3], stop)  # (B, 64, 8E, 8E)
+        x = self.decoder(x, [z9, z6, z3])  # (B, 64, 8E, 8E)
         del z3, z6, z9
-        stop()
+        raise_if_stopped()
         self.deconv_out(x, head[..., :c])  # (B, 64, 16E, 16E)
-        stop()
+        raise_if_stopped()
         # The output is resized to (img_size, img_size), then cropped to (h, w): when that
         # resize is the identity, only the cropped part needs the last convs.
         exact = (16 * Eh, 16 * Ew) == (self.img_size, self.img_size)
         head = head.permute(0, 3, 1, 2)  # (B, 128, 16E, 16E) channels-last
         x = self.decoder_head(head, inplace=True, crop_hw=(h, w) if exact else None)
         del head
+        raise_if_stopped()
         x = _conv_1x1(x, self.out_conv.weight, self.out_conv.bias).sigmoid_()  # (B, 3, ., .)
         if exact:
             x = x[..., :h, :w].contiguous()  # (B, 3, h, w)
@@ -334,6 +344,7 @@ def _instance_norm(x: Tensor, inplace: bool) -> Tensor:
         wide = torch.float32 if x.device.type == "mps" else torch.float64
         sums = torch.zeros(2, C, dtype=wide, device=x.device)
         for chunk in pixels.split(rows):
+            raise_if_stopped()  # a full-resolution norm reads hundreds of MB
             part = torch.sub(chunk, shift, out=scratch[: len(chunk)])
             sums[0] += part.sum(0)
             sums[1] += part.mul_(part).sum(0)
@@ -353,6 +364,37 @@ def _upsample(x: Tensor) -> Tensor:
 def _conv_1x1(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """1x1 conv as a matmul over channels: (B, Cin, H, W) -> (B, Cout, H, W) channels-last."""
     return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+
+
+def _band_rows(weight: Tensor, batch: int, width: int) -> int:
+    """Output rows of a conv with ``weight`` (Cout, Cin, k, k) per band of ~_BAND_FLOPS."""
+    return max(1, _BAND_FLOPS // (2 * batch * width * weight.numel()))
+
+
+def _conv_rows(x: Tensor, weight: Tensor, bias: Tensor, padding: int, r0: int, r1: int) -> Tensor:
+    """Output rows r0..r1-1 of ``F.conv2d(x, weight, bias, padding=padding)`` (stride 1,
+    k x k kernel): (B, Cout, r1 - r0, W + 2p - k + 1), from the input rows they read only."""
+    H, k = x.shape[2], weight.shape[2]
+    first, last = r0 - padding, r1 - padding + k - 1  # input rows read, padding rows outside [0, H)
+    if first >= 0 and last <= H:  # an inner band: no zero rows
+        return F.conv2d(x[:, :, first:last], weight, bias, padding=(0, padding))
+    start = max(first, 0)  # a border band: zero-padded as the whole conv pads, then cropped
+    return F.conv2d(x[:, :, start : min(last, H)], weight, bias, padding=padding)[:, :, r0 - start : r1 - start]
+
+
+def _conv3x3_relu(x: Tensor, weight: Tensor, bias: Tensor, out: Tensor | None = None) -> Tensor:
+    """ReLU(conv3x3(x), padding 1): (B, Cin, H, W) -> (B, Cout, H, W) channels-last, into
+    ``out`` when given; in bands of rows with a stop check (:func:`.raise_if_stopped`) after each."""
+    B, _, H, W = x.shape
+    if out is None:
+        out = torch.empty(B, weight.shape[0], H, W, dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last)
+    rows = _band_rows(weight, B, W)
+    for r0 in range(0, H, rows):
+        r1 = min(r0 + rows, H)
+        torch.clamp_min(_conv_rows(x, weight, bias, 1, r0, r1), 0, out=out[:, :, r0:r1])
+        raise_if_stopped()
+    return out
 
 
 def _conv_transpose_2x2(x: Tensor, weight: Tensor, bias: Tensor, out: Tensor) -> None:
@@ -404,24 +446,34 @@ def merge_deconv_conv(
 
 def _merged_conv_relu(x: Tensor, kernel: Tensor, bias: Tensor, taps: Tensor, out: Tensor):
     """ReLU(conv3x3(conv_transpose2x2(x))) from :func:`merge_deconv_conv`'s weights:
-    (B, Cin, Sh, Sw) channels-last into ``out`` (B, 2 Sh, 2 Sw, Cout)."""
+    (B, Cin, Sh, Sw) channels-last into ``out`` (B, 2 Sh, 2 Sw, Cout); in bands of rows of
+    the merged conv, with a stop check (:func:`.raise_if_stopped`) after each."""
     B, _, Sh, Sw = x.shape
     cout = taps.shape[0]
-    y = F.conv2d(x, kernel, bias, padding=1).contiguous(memory_format=torch.channels_last)
-    # (B, 4 Cout, Sh + 1, Sw + 1) -> (B, q, q', s, t, Cout): grid row 2q - 1 + s, col 2q' - 1 + t
-    y = y.permute(0, 2, 3, 1).view(B, Sh + 1, Sw + 1, 2, 2, cout)
-    # taps outside the 2S grid: first row (q=0, s=1) misses dy=-1, last (q=Sh, s=0) dy=+1,
-    # first column (q'=0, t=1) dx=-1, last (q'=Sw, t=0) dx=+1; corners miss both
-    rows, cols = ((0, 1, 0), (Sh, 0, 2)), ((0, 1, 0), (Sw, 0, 2))  # (q, s, 3x3 tap index)
-    for q, s, d in rows:
-        y[:, q, :, s] -= taps[:, d, :].sum(-1)
-    for q, t, e in cols:
-        y[:, :, q, :, t] -= taps[:, :, e].sum(-1)
-    for q, s, d in rows:
-        for q2, t, e in cols:
-            y[:, q, q2, s, t] += taps[:, d, e]  # corners: counted twice above
     out6 = out.unflatten(1, (Sh, 2)).unflatten(3, (Sw, 2))  # grid row 2k + r, col 2k' + c
-    for r in range(2):
-        for c in range(2):
-            # row 2k + r is (q, s) = (k, 1) for r = 0 and (k + 1, 0) for r = 1
-            torch.clamp_min(y[:, r : r + Sh, c : c + Sw, 1 - r, 1 - c], 0, out=out6[:, :, r, :, c])
+    rows = _band_rows(kernel, B, Sw + 1)
+    for q0 in range(0, Sh + 1, rows):
+        q1 = min(q0 + rows, Sh + 1)
+        y = _conv_rows(x, kernel, bias, 1, q0, q1).contiguous(memory_format=torch.channels_last)
+        # (B, 4 Cout, n, Sw + 1) -> (B, q - q0, q', s, t, Cout): grid row 2q - 1 + s, col 2q' - 1 + t
+        y = y.permute(0, 2, 3, 1).view(B, q1 - q0, Sw + 1, 2, 2, cout)
+        # taps outside the 2S grid: first row (q=0, s=1) misses dy=-1, last (q=Sh, s=0) dy=+1,
+        # first column (q'=0, t=1) dx=-1, last (q'=Sw, t=0) dx=+1; corners miss both
+        rows_here = [(q - q0, s, d) for q, s, d in ((0, 1, 0), (Sh, 0, 2)) if q0 <= q < q1]
+        cols = ((0, 1, 0), (Sw, 0, 2))  # (q', t, 3x3 tap index)
+        for q, s, d in rows_here:
+            y[:, q, :, s] -= taps[:, d, :].sum(-1)
+        for q, t, e in cols:
+            y[:, :, q, :, t] -= taps[:, :, e].sum(-1)
+        for q, s, d in rows_here:
+            for q2, t, e in cols:
+                y[:, q, q2, s, t] += taps[:, d, e]  # corners: counted twice above
+        for r in range(2):
+            # grid row 2k + r is (q, s) = (k, 1) for r = 0 and (k + 1, 0) for r = 1
+            k0, k1 = max(q0 - r, 0), min(q1 - r, Sh)
+            if k0 >= k1:
+                continue
+            for c in range(2):
+                torch.clamp_min(y[:, k0 + r - q0 : k1 + r - q0, c : c + Sw, 1 - r, 1 - c], 0,
+                                out=out6[:, k0:k1, r, :, c])
+        raise_if_stopped()
