@@ -1,7 +1,7 @@
 """Click -> preview latency in the Segment Anything widget, driven by real mouse events.
 
     xvfb-run -a .venv/bin/python benchmarks/bench_widget_latency.py [--write]
-        [--model vit_b] [--size 1024] [--clicks 40]
+        [--model vit_b] [--size 1024] [--clicks 40] [--hold-ms 100] [--note "machine state"]
 
 The widget is docked as users get it (``add_plugin_dock_widget``) in a shown viewer; a
 vit_b-sized model with random weights (decode cost does not depend on their values) on a
@@ -10,15 +10,22 @@ vit_b-sized model with random weights (decode cost does not depend on their valu
 layer in "add" mode, as the widget leaves it). A click is timed from the press to the end
 of the first canvas draw after the preview was updated (vispy's draw event, after Qt
 processed the paint). Clicks come in groups of three (1, 2, 3 points), then the prompts
-are cleared (untimed).
+are cleared (untimed). The release is sent right after the press (no event processed in
+between), so the time includes napari's handling of the release (the Points layer adds
+the point then); the widget decodes on the press.
 
 Breakdown (each click's time split at instrumented calls, p50 over the clicks):
-napari's mouse/Points handling before our handler, our prompt -> decode (``decode_objects``),
-upsampling of the shown candidate (``Prediction.crops``), the preview layer's update and
-refresh (``show_preview``), the rest of our handler (status, UI), what napari does after
-our handler (Points thumbnail, highlight), thumbnails (inside the above), and the draw.
-Every other click redraws the preview as before (the whole plane re-sliced and uploaded)
-instead of in place (the changed box only): the "whole" row, same clicks, same run.
+napari's mouse handling before our prediction (``_predict``: prompts -> masks -> preview),
+our decode (``decode_objects``), upsampling of the shown candidate (``Prediction.crops``),
+the preview layer's update and refresh (``show_preview``), the rest of our prediction
+(prompt reading, status, UI), what napari does after it until the click returns (the
+release: Points add, highlight, thumbnail; our check that the added point is the one
+decoded), thumbnails (inside the above), and the draw.
+Groups of clicks of three kinds take turns in one run: the clicks above; clicks that redraw
+the preview as before (the whole plane re-sliced and uploaded) instead of in place (the
+changed box only), the "whole" row; and held clicks, as a person clicks: the button held
+``--hold-ms`` with events processed meanwhile, timed from the press to the first draw of
+the preview (before the release when the widget is done by then).
 In the same run, the engine's own ``predict`` (one point, multimask, full-res masks) and
 its low-res decode alone give the floor the widget adds to.
 """
@@ -37,12 +44,12 @@ import torch
 from common import cpu_name, percentile, write_section
 
 PARTS = [
-    ("points", "napari mouse + Points handling, before our handler"),
+    ("before", "napari mouse handling before our prediction (press: vispy picking)"),
     ("decode", "our prompt -> decode (`decode_objects`)"),
     ("upsample", "upsample the shown candidate (`Prediction.crops`)"),
     ("preview", "preview layer update + refresh (`show_preview`)"),
-    ("handler_rest", "rest of our handler (status, UI)"),
-    ("after", "napari after our handler (until the click returns)"),
+    ("handler_rest", "rest of our prediction (prompt reading, status, UI)"),
+    ("after", "napari after it until the click returns (release: Points add, highlight)"),
     ("draw", "Qt paint + vispy draw"),
 ]
 
@@ -86,7 +93,7 @@ class Probes:
             finally:
                 t1 = time.perf_counter()
                 probes.spent[part] += t1 - t0
-                if mark:
+                if mark and mark + "_out" not in probes.marks:  # the first call's end
                     probes.marks[mark + "_out"] = t1
 
         setattr(owner, name, timed)
@@ -128,7 +135,7 @@ def engine_floor(predictor, size: int, repeats: int) -> dict:
     return {"predict_p50": percentile(full, 50), "decode_low_res_p50": percentile(low, 50)}
 
 
-def run(model_type: str, size: int, clicks: int, precision: str) -> dict:
+def run(model_type: str, size: int, clicks: int, precision: str, hold_ms: float) -> dict:
     from qtpy.QtCore import Qt
     from qtpy.QtTest import QTest
     from qtpy.QtWidgets import QApplication
@@ -162,7 +169,7 @@ def run(model_type: str, size: int, clicks: int, precision: str) -> dict:
         canvas._scene_canvas.events.draw.connect(on_draw, position="last")
         probes = Probes()
         seg = widget.segmenter
-        probes.wrap(seg, "_on_prompts_changed", "handler", mark="handler")
+        probes.wrap(seg, "_predict", "handler", mark="handler")
         probes.wrap(segmenter_mod, "decode_objects", "decode")
         probes.wrap(decode_mod.Prediction, "crops", "upsample")
         probes.wrap(segmenter_mod, "show_preview", "preview")
@@ -173,8 +180,10 @@ def run(model_type: str, size: int, clicks: int, precision: str) -> dict:
         totals, parts, whole_plane = [], defaultdict(list), []
         in_place = prompt_layers_mod._refresh_region
         try:
-            for i in range(2 * clicks + 3):  # 3 warm-up clicks, then in place / whole plane alternating
-                whole = i >= 3 and i % 2 == 0
+            held = []
+            for i in range(3 * clicks + 3):  # 3 warm-up clicks, then groups of each kind in turn
+                kind = "in place" if i < 3 else ("in place", "whole", "held")[((i - 3) // 3) % 3]
+                whole = kind == "whole"
                 prompt_layers_mod._refresh_region = (lambda *_a: False) if whole else in_place
                 if i % 3 == 0:
                     widget.clear()
@@ -183,6 +192,9 @@ def run(model_type: str, size: int, clicks: int, precision: str) -> dict:
                 rc = rng.uniform(0.1 * size, 0.9 * size, 2)
                 pos = canvas_point(viewer, layer.data_to_world(rc))
                 probes.reset()
+                if kind == "held":
+                    held.append(held_click(native, pos, drawn, probes, hold_ms))
+                    continue
                 drawn["t"] = 0.0
                 t0 = time.perf_counter()
                 QTest.mousePress(native, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier, pos)
@@ -201,7 +213,7 @@ def run(model_type: str, size: int, clicks: int, precision: str) -> dict:
                     continue
                 s = probes.spent
                 totals.append(1000 * (t_drawn - t0))
-                parts["points"].append(1000 * (probes.marks["handler_in"] - t0))
+                parts["before"].append(1000 * (probes.marks["handler_in"] - t0))
                 for name in ("decode", "upsample", "preview", "thumbnail"):
                     parts[name].append(1000 * s.get(name, 0.0))
                 parts["handler_rest"].append(
@@ -218,8 +230,42 @@ def run(model_type: str, size: int, clicks: int, precision: str) -> dict:
             "p50": percentile(totals, 50), "p95": percentile(totals, 95),
             "whole_p50": percentile(whole_plane, 50), "whole_p95": percentile(whole_plane, 95),
             "parts": {k: (percentile(v, 50), percentile(v, 95)) for k, v in parts.items()},
+            "hold_ms": hold_ms, "held_p50": percentile(held, 50), "held_p95": percentile(held, 95),
             **floor,
         }
+
+
+def held_click(native, pos, drawn, probes, hold_ms: float) -> float:
+    """Press -> first draw of the preview (ms) of a click whose button is held ``hold_ms``
+    with events processed, as a person's click."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtTest import QTest
+    from qtpy.QtWidgets import QApplication
+
+    left, none = Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
+    drawn["t"] = 0.0
+    t0 = time.perf_counter()
+    QTest.mousePress(native, left, none, pos)
+    released = False
+    while True:
+        shown = probes.marks.get("handler_out")
+        if shown is not None and drawn["t"] > shown:
+            break
+        if not released and time.perf_counter() - t0 >= hold_ms / 1000:
+            QTest.mouseRelease(native, left, none, pos)
+            released = True
+        QApplication.processEvents()
+        if time.perf_counter() - t0 > 5:
+            raise RuntimeError(f"held click at {pos} did not produce a drawn preview")
+    t_drawn = drawn["t"]
+    while not released and time.perf_counter() - t0 < hold_ms / 1000:
+        QApplication.processEvents()
+    if not released:
+        QTest.mouseRelease(native, left, none, pos)
+    t_release = time.perf_counter()
+    while drawn["t"] < t_release and time.perf_counter() - t_release < 2:  # the point's draw
+        QApplication.processEvents()
+    return 1000 * (t_drawn - t0)
 
 
 def main() -> None:
@@ -229,17 +275,20 @@ def main() -> None:
     parser.add_argument("--clicks", type=int, default=40)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--hold-ms", type=float, default=100.0,
+                        help="how long the held clicks keep the button down")
+    parser.add_argument("--note", default="", help="a sentence on the machine's state, written after the table")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = " / ".join(f"{v:.1f}" for v in os.getloadavg())
-    r = run(args.model, args.size, args.clicks, args.precision)
+    r = run(args.model, args.size, args.clicks, args.precision, args.hold_ms)
     rows = "".join(
         f"| {label} | {r['parts'][key][0]:.1f} | {r['parts'][key][1]:.1f} |\n" for key, label in PARTS)
     table = (
         f"`xvfb-run -a .venv/bin/python benchmarks/bench_widget_latency.py --model {r['model']} "
-        f"--size {r['size']} --clicks {r['clicks']}`: the widget docked with `add_plugin_dock_widget` in a "
+        f"--size {r['size']} --clicks {r['clicks']} --hold-ms {r['hold_ms']:.0f}`: the widget docked with `add_plugin_dock_widget` in a "
         f"shown viewer (Xvfb, Mesa llvmpipe), {r['model']} with random weights, {r['size']}x{r['size']} image, "
         f"{r['clicks']} real mouse clicks (QTest press + release on the canvas; groups of 1-3 points), timed "
         f"from the press to the end of the canvas draw showing the preview. {cpu_name()}, torch "
@@ -248,12 +297,16 @@ def main() -> None:
         f"{r['encode_s']:.1f} s.\n\n"
         "| click -> drawn preview | p50 (ms) | p95 (ms) |\n|---|---|---|\n"
         f"| **total** | **{r['p50']:.1f}** | **{r['p95']:.1f}** |\n{rows}"
-        f"| total, preview redrawn whole (re-slice + whole-plane upload, as before; alternate clicks) | "
+        f"| total, button held {r['hold_ms']:.0f} ms as a person's click (press -> preview drawn; "
+        f"{r['clicks']} more clicks, groups alternating with the others) | {r['held_p50']:.1f} | "
+        f"{r['held_p95']:.1f} |\n"
+        f"| total, preview redrawn whole (re-slice + whole-plane upload, as before; {r['clicks']} more clicks) | "
         f"{r['whole_p50']:.1f} | {r['whole_p95']:.1f} |\n"
         f"| (thumbnails, inside the rows above) | {r['parts']['thumbnail'][0]:.1f} | "
         f"{r['parts']['thumbnail'][1]:.1f} |\n\n"
         f"Same run, the engine alone (one point): `predict` with 3 full-res masks p50 "
         f"{r['predict_p50']:.1f} ms, low-res decode p50 {r['decode_low_res_p50']:.1f} ms.\n"
+        + (f"\n{args.note}\n" if args.note else "")
     )
     print(table)
     if args.write:
