@@ -147,6 +147,7 @@ def main() -> None:
         return
 
     impls = ["ref", "ours"] + (["ours-bf16"] if args.bf16 else [])
+    load_start = os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = make_checkpoint(Path(tmp))
@@ -184,7 +185,11 @@ def main() -> None:
         "(grid decoding, filters, NMS, binary-mask records); peak RSS of the generation alone "
         "(peak counter reset after the embedding) and of the whole process; fastest of "
         f"{args.repeats} alternating run(s) of each. "
-        "Same masks: same count and every reference mask matched with IoU >= 0.99.",
+        (
+            "Same masks: same count and every reference mask matched with IoU >= 0.99. "
+            f"Load average (1 min) at the start / end of the run: {load_start:.1f} / {os.getloadavg()[0]:.1f} "
+            f"on {os.cpu_count()} CPUs (above ~{os.cpu_count()}, other jobs shared the cores: times inflated)."
+        ),
         "",
         "| grid | implementation | time (s) | ours / reference | masks | same masks | generation peak RSS (MiB) | process peak RSS (MiB) |",
         "|---|---|---|---|---|---|---|---|",

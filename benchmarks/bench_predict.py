@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]
 
     from reference_shim import import_segment_anything
     from sam_factory import perturb_
@@ -126,7 +127,9 @@ def main() -> None:
             "The random model's logits change sign in nearly every low-res cell (every tile is "
             "interpolated); a real model's change sign only along object borders, as the smooth logits "
             "of three nested discs do (only the tiles straddling 0 are interpolated; masks bit-identical "
-            f"to the full interpolation, checked). Mask pixels equal to the reference's: {agreement:.6f}."
+            f"to the full interpolation, checked). Mask pixels equal to the reference's: {agreement:.6f}. "
+            f"Load average (1 min) at the start / end of the run: {load_start:.1f} / {os.getloadavg()[0]:.1f} "
+            f"on {os.cpu_count()} CPUs (above ~{os.cpu_count()}, other jobs shared the cores: times inflated)."
         ),
         "",
         "| step | p50 (ms) | p95 (ms) | p50 / reference predict p50 |",
