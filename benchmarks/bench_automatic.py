@@ -177,15 +177,15 @@ def main() -> None:
     lines = [
         "## Segment everything (vit_b, random weights, 1024x1024, thresholds inside the random model's scores)",
         "",
-        f"`benchmarks/bench_automatic.py`; {cpu_name()}, "
-        f"{os.cpu_count()} threads, torch {torch.__version__}. "
-        f"Thresholds {', '.join(f'{k}={v}' for k, v in THRESHOLDS.items())} (the defaults keep no "
-        "mask of random weights; their masks are speckle over the whole image, so box NMS below 1 "
-        "would keep one). Time after the embedding "
-        "(grid decoding, filters, NMS, binary-mask records); peak RSS of the generation alone "
-        "(peak counter reset after the embedding) and of the whole process; fastest of "
-        f"{args.repeats} alternating run(s) of each. "
         (
+            f"`benchmarks/bench_automatic.py`; {cpu_name()}, "
+            f"{os.cpu_count()} threads, torch {torch.__version__}. "
+            f"Thresholds {', '.join(f'{k}={v}' for k, v in THRESHOLDS.items())} (the defaults keep no "
+            "mask of random weights; their masks are speckle over the whole image, so box NMS below 1 "
+            "would keep one). Time after the embedding "
+            "(grid decoding, filters, NMS, binary-mask records); peak RSS of the generation alone "
+            "(peak counter reset after the embedding) and of the whole process; fastest of "
+            f"{args.repeats} alternating run(s) of each. "
             "Same masks: same count and every reference mask matched with IoU >= 0.99. "
             f"Load average (1 min) at the start / end of the run: {load_start:.1f} / {os.getloadavg()[0]:.1f} "
             f"on {os.cpu_count()} CPUs (above ~{os.cpu_count()}, other jobs shared the cores: times inflated)."
