@@ -63,6 +63,19 @@ def test_tiny_vit_encode_stops_between_its_stages():
     assert cancel.blocks_run == 1  # of 4 stages
 
 
+def test_tiny_vit_encode_stops_between_the_blocks_of_a_stage():
+    """A TinyViT stage is ~1 s on a busy CPU: the check is also asked between its blocks."""
+    torch.manual_seed(0)
+    model = build_model(TINY_VIT_T)
+    blocks = model.image_encoder.layers[2].blocks  # the stage of depth 2
+    ran = []
+    for block in blocks:
+        block.register_forward_hook(lambda *args: ran.append(1))
+    with pytest.raises(Stopped), stop_when(lambda: len(ran) >= 1):
+        SamPredictor(model).encode_image(np.zeros((80, 90), np.uint8))
+    assert len(ran) == 1  # of 2
+
+
 def test_encode_stops_at_the_next_block_once_cancel_is_set(model):
     predictor = SamPredictor(model)
     image = np.random.default_rng(0).integers(0, 255, (100, 120), dtype=np.uint8)

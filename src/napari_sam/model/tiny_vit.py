@@ -270,6 +270,7 @@ class ConvLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
+            raise_if_stopped()  # a stage is ~1 s on a busy 2-core CPU: cancel between blocks
             x = block(x)  # (B, C, H, W)
         return self.downsample(x).permute(0, 2, 3, 1)  # (B, H/2, W/2, C_out)
 
@@ -300,6 +301,7 @@ class BasicLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
+            raise_if_stopped()
             x = block(x)  # (B, H, W, C)
         if self.downsample is None:
             return x
@@ -382,7 +384,7 @@ class TinyViT(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
         x = self.patch_embed(x)  # (B, D0, H/4, W/4)
         for layer in self.layers:
-            raise_if_stopped()  # cancel acts between stages (well under a second each)
+            raise_if_stopped()  # cancel acts between stages and between their blocks
             x = layer(x)  # (B, H/8, W/8, D1), then (B, H/16, W/16, D2), (B, H/16, W/16, D3)
         # (B, H/16, W/16, D3) -> (B, D3, H/16, W/16) channels-last view
         x = self.neck(x.permute(0, 3, 1, 2))  # (B, out_chans, H/16, W/16)
