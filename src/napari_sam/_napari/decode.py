@@ -103,7 +103,7 @@ class Prediction:
     def pixels(self, rank: int = 0) -> np.ndarray:
         """(K,) pixels of each object's mask."""
         crops = self.crops(rank)
-        return crops.reshape(len(crops), -1).sum(axis=1)
+        return np.array([np.count_nonzero(c) for c in crops], dtype=np.int64)  # no int copy of the masks
 
     def ids(self, rank: int = 0, last_wins: bool = False,
             crop: bool = False) -> tuple[np.ndarray, tuple[int, int]] | None:
@@ -133,13 +133,20 @@ class Prediction:
             (r0, c0), (r1, c1) = (0, 0), self.plane.shape_hw
         ids = np.zeros((r1 - r0, c1 - c0), dtype=np.int32)
         order = range(len(crops)) if last_wins else range(len(crops) - 1, -1, -1)
+        painted = False
         for k in order:
             if boxes[k] is None:
                 continue
             br0, br1, bc0, bc1 = boxes[k]
             o_r, o_c = offsets[k]
             inside = crops[k][br0 - o_r : br1 - o_r, bc0 - o_c : bc1 - o_c]
-            ids[br0 - r0 : br1 - r0, bc0 - c0 : bc1 - c0][inside] = k + 1
+            region = ids[br0 - r0 : br1 - r0, bc0 - c0 : bc1 - c0]
+            # whole-array operations: boolean-index assignment is several times slower
+            if painted:  # keep the other objects' pixels outside this mask
+                region[...] = np.where(inside, np.int32(k + 1), region)
+            else:  # still all zero
+                np.multiply(inside, np.int32(k + 1), out=region)
+            painted = True
         return ids, (int(r0), int(c0))
 
     def chosen_iou(self, rank: int = 0) -> np.ndarray:
