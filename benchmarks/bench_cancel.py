@@ -39,12 +39,12 @@ from common import cpu_name, write_section
 
 CASES = ("amg", "ais", "encode", "propagate")
 # random delay (s) between Run and Cancel, inside the long part of each job on this CPU
-DELAYS = {"amg": (1.0, 8.0), "ais": (0.3, 5.0), "encode": (0.3, 4.0), "propagate": (0.5, 4.0)}
+DELAYS = {"amg": (1.0, 8.0), "ais": (0.5, 10.0), "encode": (0.3, 4.0), "propagate": (0.5, 4.0)}
 BOUND = {
     "amg": "one decoder call of a few prompts, or one upsampling chunk",
     "ais": "one band of ~4 GFLOP of the AIS decoder's convolutions",
-    "encode": "one vit_b encoder block (a global-attention block's sequence)",
-    "propagate": "one vit_t encoder stage, or one slice's decode",
+    "encode": "one vit_b block's MLP (windowed blocks), or one global-attention sequence",
+    "propagate": "one vit_t encoder block (TinyViT), or one slice's decode",
 }
 
 
