@@ -42,7 +42,7 @@ CASES = ("amg", "ais", "encode", "propagate")
 DELAYS = {"amg": (1.0, 8.0), "ais": (0.5, 10.0), "encode": (0.3, 4.0), "propagate": (0.5, 4.0)}
 BOUND = {
     "amg": "one decoder call of a few prompts, or one upsampling chunk",
-    "ais": "one band of ~4 GFLOP of the AIS decoder's convolutions",
+    "ais": "one band of ~17 GFLOP of the AIS decoder's convolutions",
     "encode": "one vit_b block's MLP (windowed blocks), or one global-attention sequence",
     "propagate": "one vit_t encoder block (TinyViT), or one slice's decode",
 }
