@@ -193,8 +193,12 @@ def test_first_download_shows_size_and_speed_and_can_be_cancelled(viewer, qtbot,
     pbar = widget.loader.job.worker.pbar
     qtbot.waitUntil(lambda: pbar.n > 0, timeout=10000)
     assert pbar.total == 40 << 10  # KiB in napari's activity dock
-    started = time.monotonic()
     qtbot.mouseClick(widget._load_button, Qt.MouseButton.LeftButton)  # Cancel loading
-    assert widget.loader.wait(5) and time.monotonic() - started < 1.0
-    assert "loading cancelled" in widget.status and widget.session.model is None, said[-5:]
+    # not timed (a loaded machine is slow): the download stopped at its next chunk of 20 ms,
+    # long before its end (seen_cancel is set only then), and the job ended
+    assert widget.loader.wait(30) and seen_cancel.is_set()
+    assert "loading cancelled" in widget.status and widget.session.model is None, "\n".join(said)
+    # napari's activity bar processes events inside its update: steps still shown in order
+    shown = [float(m.split(": ")[1].split(" /")[0]) for m in said if m.startswith("downloading")]
+    assert shown == sorted(shown), "\n".join(said)
     assert widget._load_button.text() == "Load model"

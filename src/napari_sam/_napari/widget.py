@@ -344,10 +344,14 @@ class SegmentAnythingWidget(QWidget):
 
     def _on_download(self, progress) -> None:
         """A :class:`~napari_sam.engine.weights.DownloadProgress`: size and speed in the
-        activity dock (KiB) and on the status line."""
+        activity dock (KiB) and on the status line.
+
+        The status line first: napari's activity bar processes Qt events inside its update,
+        so the next steps and the job's end ("loading cancelled") can run within it; a
+        status written after it would overwrite theirs with an older step."""
+        self.segmenter.report(f"downloading {progress.describe()} (Cancel loading stops it)")
         self.loader.activity(progress.done_bytes >> 10, progress.total_bytes >> 10,  # 0: unknown
                              f"SAM: downloading {progress.describe()}")
-        self.segmenter.report(f"downloading {progress.describe()} (Cancel loading stops it)")
 
     def _load_or_cancel(self) -> None:
         if self.loader.running:
