@@ -126,8 +126,10 @@ class SliceEncoder:
         """Do the predictor's per-image decoder work (the image-side projections every
         prompt reuses) now that the encode ended, so the first click does not wait for it.
         Only here: slices activated again from the cache (scrolling) prepare lazily, on
-        their first prompt."""
-        self.session.predictor._image_side_cache()
+        their first prompt. On the GUI thread: the predictor keys this work on the
+        features tensor it made current (set_embedding copies inference tensors), which
+        exists only once the embedding is activated here."""
+        self.session.predictor.prepare_decoder()
 
     def _on_error(self, exc) -> None:
         self.failed_key = self._job_key

@@ -378,6 +378,13 @@ class SamPredictor:
             self.features, point_coords, point_labels, min_iou, multimask_output, self._image_side_cache()
         )
 
+    def prepare_decoder(self) -> None:
+        """Compute and keep the per-image, prompt-independent decoder work (the image-side
+        projections every prompt reuses) for the current embedding, so that the first
+        prompt does not pay for it. No-op without an image."""
+        if self.is_image_set:
+            self._image_side_cache()
+
     def _image_side_cache(self):
         """The model's prompt-independent decoder work for the current features."""
         # done once per image and reused by every later call; remade when the features or
