@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .common import MLPBlock
+from .common import MLPBlock, autocast_dtype
 
 
 class Attention(nn.Module):
@@ -172,8 +172,16 @@ class Attention(nn.Module):
         w_out = self.out_proj.weight.reshape(-1, heads, d)  # (C, h, d)
         vo = torch.einsum("bhtd,chd->bhtc", v, w_out)  # (B, h, T, C)
         attn = attn.reshape(b, heads * t, -1).transpose(1, 2)  # (B, N, hT)
-        if residual is None:
-            return torch.baddbmm(self.out_proj.bias, attn, vo.reshape(b, heads * t, -1))  # (B, N, C)
+        # autocast runs baddbmm in its low precision, casting the residual too: the fused
+        # form only where it cannot round the (float32) residual image tokens
+        fuse = (
+            residual is not None
+            and residual.dtype == vo.dtype
+            and autocast_dtype(residual.device.type) is None
+        )
+        if not fuse:
+            out = torch.baddbmm(self.out_proj.bias, attn, vo.reshape(b, heads * t, -1))  # (B, N, C)
+            return out if residual is None else residual + out
         # each head's attention row sums to 1 over the T tokens, so out_proj's bias spread
         # over the heads' value rows adds it once per image token: residual + attention out
         # in one matmul
