@@ -196,27 +196,3 @@ def test_prepare_decoder_does_the_per_image_work_once_before_the_first_prompt(ti
     assert calls == [1]
     predictor.predict(np.array([[100.0, 80.0]]), np.array([1]))
     assert calls == [1]
-
-
-@pytest.mark.parametrize("prompts", [1, 5])
-def test_a_low_precision_decoder_keeps_the_image_tokens_residual_in_float32(tiny_sam, prompts):
-    """With a bf16 decoder the matmuls run in bf16, but each two-way layer adds its
-    attention output to float32 image tokens: the sum given to the layer's norm is float32
-    (rounding the residual stream to bf16 at every layer would lose its precision)."""
-    model = copy.deepcopy(tiny_sam)
-    model.decoder_dtype = torch.bfloat16
-    predictor = predictor_with_image(model)
-    seen: list[torch.dtype] = []
-    hooks = [
-        layer.norm4.register_forward_pre_hook(lambda _module, args: seen.append(args[0].dtype))
-        for layer in model.mask_decoder.transformer.layers
-    ]
-    coords = torch.rand(prompts, 1, 2, generator=torch.Generator().manual_seed(0)) * 250
-    try:
-        with torch.inference_mode():
-            predictor.decode_low_res(coords, torch.ones(prompts, 1, dtype=torch.int))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    assert seen == [torch.float32] * len(model.mask_decoder.transformer.layers)
-
