@@ -21,10 +21,11 @@ def test_the_encoding_status_is_painted_before_the_encoder_runs(viewer, qtbot, t
 
     window = viewer.window._qt_window
     repaints = []
+    widget = None  # the filter sees repaints before the widget is docked
 
     class CountRepaints(QObject):
         def eventFilter(self, obj, event):  # noqa: N802 - Qt's name
-            if event.type() == QEvent.Type.UpdateRequest:
+            if event.type() == QEvent.Type.UpdateRequest and widget is not None:
                 repaints.append(widget.status)
             return False
 
@@ -63,3 +64,49 @@ def test_the_encoding_status_is_painted_before_the_encoder_runs(viewer, qtbot, t
         window.removeEventFilter(counter)
     assert seen_at_first_step, "the window was not repainted before the encoder started"
     assert any("encoding" in status for status in seen_at_first_step), seen_at_first_step
+
+
+def test_a_failing_busy_slot_still_runs_the_job_and_ends_idle(qtbot):
+    """An exception in a busy_changed slot (or in the paint) at the start does not leave the
+    runner busy with a worker that never runs."""
+    import pytest
+
+    from napari_sam._napari.jobs import JobRunner, as_generator
+
+    runner, results = JobRunner(lambda message: None), []
+
+    def failing_slot(busy):
+        if busy:
+            raise RuntimeError("slot failed")
+
+    runner.busy_changed.connect(failing_slot)
+    with pytest.raises(Exception, match="slot failed"):
+        runner.start(as_generator(lambda: 42), desc="job", on_done=results.append)
+    assert runner.wait(30)
+    assert results == [42] and not runner.running
+
+
+def test_an_activity_step_inside_napari_update_is_not_overwritten():
+    """napari's progress update processes Qt events: a later step handled inside it keeps
+    its description (the outer, older call does not set its own afterwards)."""
+    from napari_sam._napari.jobs import Job, JobRunner
+
+    runner = JobRunner(lambda message: None)
+
+    class Bar:
+        total, n, desc = 0, 0, None
+
+        def update(self, k):
+            self.n += k
+            if self.n < 10:  # the later step arrives while this update processes events
+                runner.activity(10, 10, "step 2")
+
+        def set_description(self, desc):
+            self.desc = desc
+
+    class Worker:
+        pbar = Bar()
+
+    runner.job = Job("job", Worker(), threading.Event(), threading.Event())
+    runner.activity(5, 10, "step 1")
+    assert (Worker.pbar.n, Worker.pbar.desc) == (10, "step 2")

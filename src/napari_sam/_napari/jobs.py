@@ -161,9 +161,11 @@ class JobRunner:
             self._bar.setRange(0, max(int(total), 1))  # never 0, 0: an animated busy indicator
             self._bar.setValue(0)
         self.job = job
-        self.busy_changed.emit(True)
-        _paint_pending_now()  # before the worker takes the cores (see the function)
-        worker.start()
+        try:  # a failing busy_changed slot or paint must not leave a job that never runs
+            self.busy_changed.emit(True)
+            _paint_pending_now()  # before the worker takes the cores (see the function)
+        finally:
+            worker.start()  # it ends normally, which releases the job
         return worker
 
     def step(self, done: int, total: int | None = None) -> None:
@@ -176,15 +178,18 @@ class JobRunner:
     def activity(self, done: int, total: int, desc: str | None = None) -> None:
         """Show ``done`` of ``total`` (any unit, e.g. KiB) in napari's activity dock for the
         running job (its own bar counts yields otherwise)."""
-        pbar = getattr(self.job.worker, "pbar", None) if self.job is not None else None
+        job = self.job
+        pbar = getattr(job.worker, "pbar", None) if job is not None else None
         if pbar is None or self._closed:
             return
+        # before update: napari's update processes Qt events, so a later step or the
+        # job's end may run inside it and must not be overwritten by this older one
+        if desc is not None:
+            pbar.set_description(desc)
         if pbar.total != total:
             pbar.total = int(total)
         if done != pbar.n:
             pbar.update(int(done) - pbar.n)
-        if desc is not None:
-            pbar.set_description(desc)
 
     def _finish(self, job, outcome: _Outcome, on_done, on_cancel, on_error, is_current) -> None:
         if self._closed:
