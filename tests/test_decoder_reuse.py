@@ -196,3 +196,22 @@ def test_prepare_decoder_does_the_per_image_work_once_before_the_first_prompt(ti
     assert calls == [1]
     predictor.predict(np.array([[100.0, 80.0]]), np.array([1]))
     assert calls == [1]
+
+
+@pytest.mark.parametrize("image_batch", [1, 3])
+@pytest.mark.parametrize("with_pe", [False, True])
+def test_token_to_image_attention_equals_plain_attention(tiny_sam, image_batch, with_pe):
+    """The folded token->image attention (projections folded into the few token rows, the
+    positional encoding's logits apart) gives the module's plain attention, also for a
+    batch-1 image shared by 3 prompts."""
+    attention = tiny_sam.mask_decoder.transformer.final_attn_token_to_image
+    gen = torch.Generator().manual_seed(0)
+    c = attention.embedding_dim
+    tokens = torch.randn(3, 5, c, generator=gen)
+    image = torch.randn(image_batch, 64, c, generator=gen)
+    pe = torch.randn(1, 64, c, generator=gen) if with_pe else None
+    with torch.inference_mode():
+        folded = attention.tokens_to_image(tokens, image, image, pe)
+        keys = image if pe is None else image + pe
+        plain = attention(tokens, keys.expand(3, -1, -1), image.expand(3, -1, -1))
+    torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-4)

@@ -89,39 +89,39 @@ class Attention(nn.Module):
         """(internal, C) weight of a q/k/v projection -> (heads, d, C)."""
         return linear.weight.reshape(self.num_heads, -1, linear.weight.shape[-1])
 
-    def tokens_to_image(self, tokens: Tensor, image_k: Tensor, image_v: Tensor) -> Tensor:
-        """Tokens (B, T, C) attend to image tokens image_k / image_v (B or 1, N, C) -> (B, T, C)."""
+    def tokens_to_image(
+        self, tokens: Tensor, image_k: Tensor, image_v: Tensor, key_pe: Tensor | None = None
+    ) -> Tensor:
+        """Tokens attend to image tokens: keys ``image_k`` (+ ``key_pe``), values ``image_v``.
+
+        Args:
+            tokens: (B, T, C) queries.
+            image_k, image_v: (B or 1, N, C) image tokens (batch 1: shared by every prompt).
+            key_pe: (1, N, C) positional encoding added to the keys, if any; with a (B, N, C)
+                ``image_k`` its key logits are one matmul of all B*h*T folded query rows,
+                and the (B, N, C) sum ``image_k + key_pe`` is never made.
+        Returns:
+            (B, T, C).
+        """
         b, t, _ = tokens.shape
         if not self._fold_pays(t):
-            return self.forward(tokens, image_k, image_v)
+            return self.forward(tokens, image_k if key_pe is None else image_k + key_pe, image_v)
         heads = self.num_heads
         q = self.split_heads(self.q_proj(tokens))  # (B, h, T, d)
         d = q.shape[-1]
         # <q, Wk x + bk> = <Wk^T q, x> + const per query: the constant cancels in softmax;
         # the softmax scale goes into the few token rows, not the (hT, N) logits
         qk = torch.einsum("bhtd,hdc->bhtc", q * (1 / math.sqrt(d)), self._head_weights(self.k_proj))
-        logits = qk.reshape(b, heads * t, -1) @ image_k.transpose(1, 2)  # (B, hT, N)
+        qk = qk.reshape(b, heads * t, -1)  # (B, hT, C) folded query rows
+        if key_pe is not None and image_k.shape[0] == b:
+            pe_logits = (qk.reshape(1, b * heads * t, -1) @ key_pe.transpose(1, 2)).reshape(b, heads * t, -1)
+            logits = torch.baddbmm(pe_logits, qk, image_k.transpose(1, 2))  # (B, hT, N)
+        else:  # no encoding, or a batch-1 image: its sum with the encoding is made once
+            keys = image_k if key_pe is None else image_k + key_pe  # (B or 1, N, C)
+            logits = qk @ keys.transpose(1, 2)  # (B, hT, N)
         attn = torch.softmax(logits, dim=-1)
         # attn @ (x Wv^T + bv) = (attn @ x) Wv^T + bv, as attention rows sum to 1
         mixed = (attn @ image_v).reshape(b, heads, t, -1)  # (B, h, T, C)
-        out = torch.einsum("bhtc,hdc->bhtd", mixed, self._head_weights(self.v_proj))
-        out = out + self.v_proj.bias.reshape(heads, 1, d)
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, heads * d))
-
-    def tokens_to_image_with_pe(self, tokens: Tensor, image: Tensor, image_pe: Tensor) -> Tensor:
-        """``tokens_to_image(tokens, image + image_pe, image)`` without making the (B, N, C)
-        sum: the key logits of ``image_pe`` (1, N, C), shared by every prompt, are one
-        matmul of all B*h*T folded rows. tokens (B, T, C), image (B or 1, N, C) -> (B, T, C)."""
-        b, t, _ = tokens.shape
-        heads = self.num_heads
-        q = self.split_heads(self.q_proj(tokens))  # (B, h, T, d)
-        d = q.shape[-1]
-        qk = torch.einsum("bhtd,hdc->bhtc", q * (1 / math.sqrt(d)), self._head_weights(self.k_proj))
-        qk = qk.reshape(b, heads * t, -1)  # (B, hT, C) folded query rows
-        pe_logits = (qk.reshape(1, b * heads * t, -1) @ image_pe.transpose(1, 2)).reshape(b, heads * t, -1)
-        logits = torch.baddbmm(pe_logits, qk, image.transpose(1, 2))  # (B, hT, N)
-        attn = torch.softmax(logits, dim=-1)
-        mixed = (attn @ image).reshape(b, heads, t, -1)  # (B, h, T, C)
         out = torch.einsum("bhtc,hdc->bhtd", mixed, self._head_weights(self.v_proj))
         out = out + self.v_proj.bias.reshape(heads, 1, d)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, heads * d))
@@ -385,5 +385,5 @@ class TwoWayTransformer(nn.Module):
         if rows is not None:
             queries, point_embedding = queries[:, rows], point_embedding[:, rows]
         attention = self.final_attn_token_to_image
-        queries = queries + attention.tokens_to_image_with_pe(queries + point_embedding, keys, key_pe)
+        queries = queries + attention.tokens_to_image(queries + point_embedding, keys, keys, key_pe)
         return self.norm_final_attn(queries)
