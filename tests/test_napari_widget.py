@@ -369,3 +369,72 @@ def test_a_click_is_decoded_on_the_press_once(viewer, make_widget, qtbot):
     assert len(points.data) == 2 and model.decode_calls == 3
     widget.cleanup()  # a closed widget no longer listens to presses
     assert not any(getattr(cb, "__self__", None) is widget.segmenter for cb in viewer.mouse_drag_callbacks)
+
+
+def _press_setup(viewer, make_widget, qtbot):
+    """A widget on objects_2d() encoded, the view reset: (layer, truth, model, widget,
+    points layer, canvas widget)."""
+    img, truth = objects_2d()
+    layer = viewer.add_image(img, name="cells")
+    model = CountingOracle(image_size=256)
+    widget = make_widget(model, auto_encode=False)
+    assert widget.encode_current_slice(wait=True)
+    viewer.reset_view()
+    qtbot.wait(50)
+    return layer, truth, model, widget, viewer.layers["SAM points"], viewer.window._qt_viewer.canvas.native
+
+
+def test_a_failed_decode_on_the_press_still_adds_the_point(viewer, make_widget, qtbot, monkeypatch):
+    """A decode that raises on the press is reported on the status line; napari goes on
+    and the release still adds the point (whose data event then decodes it)."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtTest import QTest
+    from test_napari_first_hour import canvas_point
+
+    layer, truth, model, widget, points, native = _press_setup(viewer, make_widget, qtbot)
+    segmenter = widget.segmenter
+    decode, failures = segmenter._decode, []
+
+    def fails_once(*args):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("out of memory")
+        return decode(*args)
+
+    monkeypatch.setattr(segmenter, "_decode", fails_once)
+    left, none = Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
+    pos = canvas_point(viewer, layer.data_to_world(centroid(truth == 2)))
+    QTest.mousePress(native, left, none, pos)
+    assert failures and "RuntimeError: out of memory" in segmenter.last_status
+    assert len(points.data) == 0 and segmenter.prediction is None
+    QTest.mouseRelease(native, left, none, pos)
+    assert len(points.data) == 1
+    assert iou(widget.current_masks[0], truth == 2) >= 0.95
+
+
+def test_a_drag_keeps_a_preview_updated_during_the_hold(viewer, make_widget, qtbot):
+    """A press that becomes a drag puts the previous preview back only if the press's own
+    masks are still shown: a preview made while the button was held (an encode ended, a
+    setting changed) is kept, not replaced by the older one."""
+    from qtpy.QtCore import QPoint, Qt
+    from qtpy.QtTest import QTest
+    from test_napari_first_hour import canvas_point, click
+
+    layer, truth, model, widget, points, native = _press_setup(viewer, make_widget, qtbot)
+    segmenter = widget.segmenter
+    click(viewer, qtbot, layer.data_to_world(centroid(truth == 2)))
+    before = segmenter.prediction
+    assert len(points.data) == 1 and before.num_candidates == 3
+    left, none = Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
+    start = canvas_point(viewer, layer.data_to_world(centroid(truth == 3)))
+    QTest.mousePress(native, left, none, start)
+    assert segmenter.prediction is not before  # the press's own masks
+    segmenter.multimask = False  # during the hold: the shown prompts decoded anew
+    segmenter.update_preview()
+    updated = segmenter.prediction
+    assert updated.num_candidates == 1
+    for step in range(1, 5):  # a drag: napari pans, no point
+        QTest.mouseMove(native, start + QPoint(10 * step, 0))
+    QTest.mouseRelease(native, left, none, start + QPoint(40, 0))
+    assert len(points.data) == 1 and segmenter.prediction is updated
+    np.testing.assert_array_equal(viewer.layers["SAM preview"].data > 0, widget.current_masks[0])

@@ -44,7 +44,27 @@ from .prompt_layers import (
 )
 from .tiled_segmenter import TiledPlanes
 
-DRAG_THRESHOLD_PX = 5  # napari's Points "add": a press that moves this far (canvas px) pans
+try:  # napari's Points "add" mode adds the point on release when the release lies within
+    # this distance (canvas px) of the press, whatever the path (a drag out and back adds
+    # it too); moves beyond it are left to the camera, which pans. Private in napari 0.9.
+    from napari.layers.points._points_mouse_bindings import DRAG_DIST_THRESHOLD as DRAG_THRESHOLD_PX
+except ImportError:  # moved or renamed in another napari: its value in napari 0.9.2
+    DRAG_THRESHOLD_PX = 5
+
+
+class _Same:
+    """Wraps an object for a decode key: equal only to a wrapper of the very same object
+    (unlike id(), which a new object may reuse once the old one is freed)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj) -> None:
+        self.obj = obj
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Same) and other.obj is self.obj
+
+    __hash__ = None
 
 
 class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
@@ -198,7 +218,7 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
             return
         self.image_layer = layer
         self.encoder.reset()
-        self.prediction, self.refine_id, self.plane, self._seen = None, None, None, None
+        self.prediction, self._decoded, self.refine_id, self.plane, self._seen = None, None, None, None, None
         if layer is None:
             self.changed.emit()
             return
@@ -254,7 +274,10 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         if the mouse stays within its drag threshold): decode with that point now, so the
         preview is drawn while the button is held; the release's point then finds its
         masks made (:meth:`update_preview` does not decode the same prompts twice). A
-        press that becomes a drag (napari pans) puts the previous preview back."""
+        press that becomes a drag (napari pans) puts the previous preview back, unless
+        something else changed the preview meanwhile (a drag that comes back within the
+        threshold still adds its point: its data event then decodes it). A failed decode
+        is reported and lets napari go on (the click still adds its point)."""
         points = self.points_layer
         if (event.button != 1 or event.modifiers or self._muted or points is None or self.tiles is not None
                 or self.plane is None or viewer.layers.selection.active is not points or points.mode != "add"
@@ -262,7 +285,12 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
                 or not self.encoder.activate()):
             return
         before = self.prediction, self._decoded
-        self._predict(*self._prompts(adding=points.world_to_data(event.position)))
+        try:
+            self._predict(*self._prompts(adding=points.world_to_data(event.position)))
+        except Exception as exc:  # noqa: BLE001 - raised here, napari would not add the point
+            self.report(f"could not segment the click: {type(exc).__name__}: {exc}")
+            return
+        mine = self.prediction  # the press's own result (None when nothing was decoded)
         start = np.asarray(event.pos, float)
         yield
         while event.type == "mouse_move":
@@ -271,8 +299,8 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
             yield
         else:
             return  # released: napari adds the point (or not: then the next prompt decodes)
-        if self.prediction is not None and self.prediction is not before[0] and self.plane is not None:
-            self.prediction, self._decoded = before
+        if mine is not None and self.prediction is mine and mine is not before[0] and self.plane is not None:
+            self.prediction, self._decoded = before  # not a newer one made during the hold
             self._show(self.prediction)
             self.changed.emit()
 
@@ -304,7 +332,7 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
 
     def _on_model_changed(self, model=None) -> None:
         self.encoder.reset()
-        self.prediction, self._seen = None, None
+        self.prediction, self._decoded, self._seen = None, None, None
         self.sync()
 
     # ------------------------------------------------------------------ view -> preview
@@ -322,7 +350,7 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         moved = (source, plane, grid) != self._seen
         if moved:
             self._seen = (source, plane, grid)
-            self.plane, self.prediction, self.rank = plane, None, 0
+            self.plane, self.prediction, self._decoded, self.rank = plane, None, None, 0
             self.refine_id = self._refine_mask = None
             self._prompt_tiles = []
             self._show(None)
@@ -357,7 +385,7 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         if outside:
             self.report(f"ignored {outside} prompt(s) outside the image '{self.image_layer.name}'")
         if len(points_rc) == 0 and len(boxes_xyxy) == 0 and self.refine_id is None:
-            self.prediction = None
+            self.prediction = self._decoded = None
             self._show(None)
             self.changed.emit()
             return
@@ -388,8 +416,8 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         predictor = self.session.predictor
         arrays = tuple((a.shape, a.tobytes()) for a in (np.asarray(points_rc, float), np.asarray(point_labels, int),
                                                         np.asarray(boxes_xyxy, float)))
-        return (self.plane, arrays, self.refine_id, id(self._refine_mask), self.multimask, id(predictor),
-                id(predictor.get_embedding()))
+        return (self.plane, arrays, self.refine_id, _Same(self._refine_mask), self.multimask, _Same(predictor),
+                _Same(predictor.get_embedding()))
 
     def _decode(self, points_rc, point_labels, boxes_xyxy) -> Prediction:
         predictor = self.session.predictor
@@ -530,7 +558,7 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
                 for prompts in (self.points_layer, self.boxes_layer):
                     if prompts is not None:
                         remove_prompts(prompts, prompt_indices_on_plane(prompts, self.source, self.plane))
-        self.prediction, self.rank = None, 0
+        self.prediction, self._decoded, self.rank = None, None, 0
         self._show(None)
         if status:
             self.report("prompts cleared")
