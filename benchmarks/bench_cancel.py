@@ -19,8 +19,9 @@ The widgets are docked as users get them (``add_plugin_dock_widget``) in a shown
 Each repeat clicks the real Run (Propagate) button, waits a random delay inside the long
 part, clicks the real Cancel button, and times until the widget's job runner reports the
 job ended (``busy_changed(False)``: the worker thread has returned and the widget shows
-"cancelled"); the labels must be unchanged. There is no reference figure: Meta's and
-micro-sam's code has no cancel. Reports p50 and max per case; the target is <= 1 s.
+"cancelled"); the labels must be unchanged: no new layer, and the data of every Labels
+layer that existed before equal (Segment Everything targets an existing Labels layer with
+an object in it). There is no reference figure: Meta's and micro-sam's code has no cancel. Reports p50 and max per case; the target is <= 1 s.
 ``--write`` updates BENCHMARKS.md (section cancel-latency).
 """
 
@@ -65,6 +66,24 @@ def click(button) -> None:
     if not button.isEnabled():
         raise RuntimeError(f"the {button.text()!r} button is disabled")
     QTest.mouseClick(button, Qt.MouseButton.LeftButton)
+
+
+def labels_data(viewer) -> dict:
+    """A copy of the data of each Labels layer by name but the prompt preview: a write into
+    an existing layer shows as a difference, not only a new layer."""
+    from napari.layers import Labels
+
+    from napari_sam._napari.prompt_layers import PREVIEW_ROLE, ROLE_KEY
+
+    return {layer.name: np.array(layer.data) for layer in viewer.layers
+            if isinstance(layer, Labels) and layer.metadata.get(ROLE_KEY) != PREVIEW_ROLE}
+
+
+def labels_unchanged(viewer, before: dict) -> bool:
+    """The Labels layers of ``before`` (:func:`labels_data`) are all still there, with the
+    same data (new layers are checked apart)."""
+    now = labels_data(viewer)
+    return all(name in now and np.array_equal(now[name], data) for name, data in before.items())
 
 
 def cancel_after(run_button, cancel_button, runner, delay: float, long_part, status) -> dict | None:
@@ -119,7 +138,13 @@ def everything_case(viewer, case: str, repeats: int, rng: random.Random, shots: 
     widget.session.set_model(model)
     widget.set_image_layer(layer)
     widget.set_mode("amg" if case == "amg" else "ais")
+    # the objects would go into an existing Labels layer with an object: a cancelled job
+    # must write nothing into it
+    existing = np.zeros(layer.data.shape[:2], np.int32)
+    existing[:64, :64] = 1
+    target = viewer.add_labels(existing, name="existing labels")
     pump(0.2)
+    widget.set_labels_layer(target)
     if case != "encode":  # the embedding is cached, as after the interactive widget encoded
         from napari_sam._napari.geometry import current_plane
 
@@ -129,6 +154,7 @@ def everything_case(viewer, case: str, repeats: int, rng: random.Random, shots: 
                  "ais": lambda: widget.status == "AIS decoder",
                  "encode": lambda: widget.status == "encoding"}[case]
     before = len(viewer.layers)
+    labels_before = labels_data(viewer)
     results = []
     while len(results) < repeats:
         if case == "encode":
@@ -138,7 +164,8 @@ def everything_case(viewer, case: str, repeats: int, rng: random.Random, shots: 
         if r is None:
             print(case, "job was past its long part at the cancel: sample dropped", flush=True)
             continue
-        if "cancelled" not in widget.status or len(viewer.layers) != before:
+        if ("cancelled" not in widget.status or len(viewer.layers) != before
+                or not labels_unchanged(viewer, labels_before)):
             raise RuntimeError(f"cancel did not leave the labels alone: {widget.status!r}")
         results.append(r)
         print(case, f"cancel after {r['delay']:.2f} s ({r['at']!r}) -> ended {r['latency'] * 1000:.0f} ms later",
@@ -147,6 +174,7 @@ def everything_case(viewer, case: str, repeats: int, rng: random.Random, shots: 
         pump(0.3)
         widget.grab().save(os.path.join(shots, f"everything_cancelled_{case}.png"))
     viewer.window.remove_dock_widget(widget)
+    viewer.layers.remove(target)
     return results
 
 
@@ -166,12 +194,14 @@ def propagate_case(viewer, repeats: int, rng: random.Random, shots: str | None) 
         if not widget.encode_current_slice(wait=True) or not widget.add_point((256.0, 256.0)):
             raise RuntimeError(f"no preview to propagate: {widget.status}")
         volume = widget.volume
+        labels_before = labels_data(viewer)
         r = cancel_after(volume._propagate, volume._cancel_button, volume.runner,
                          rng.uniform(*DELAYS["propagate"]), lambda: True, lambda: widget.status)
         if r is None:
             print("propagate: the propagation ended before the cancel: sample dropped", flush=True)
             continue
-        if "cancelled" not in widget.status or "SAM labels" in viewer.layers and viewer.layers["SAM labels"].data.any():
+        if ("cancelled" not in widget.status or not labels_unchanged(viewer, labels_before)
+                or "SAM labels" in viewer.layers and viewer.layers["SAM labels"].data.any()):
             raise RuntimeError(f"cancel did not leave the labels alone: {widget.status!r}")
         results.append(r)
         print("propagate", f"cancel after {r['delay']:.2f} s ({r['at']!r}) -> ended {r['latency'] * 1000:.0f} ms "
