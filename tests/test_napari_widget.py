@@ -391,7 +391,7 @@ def test_a_failed_decode_on_the_press_still_adds_the_point(viewer, make_widget, 
     from qtpy.QtTest import QTest
     from test_napari_first_hour import canvas_point
 
-    layer, truth, model, widget, points, native = _press_setup(viewer, make_widget, qtbot)
+    layer, truth, _model, widget, points, native = _press_setup(viewer, make_widget, qtbot)
     segmenter = widget.segmenter
     decode, failures = segmenter._decode, []
 
@@ -420,7 +420,7 @@ def test_a_drag_keeps_a_preview_updated_during_the_hold(viewer, make_widget, qtb
     from qtpy.QtTest import QTest
     from test_napari_first_hour import canvas_point, click
 
-    layer, truth, model, widget, points, native = _press_setup(viewer, make_widget, qtbot)
+    layer, truth, _model, widget, points, native = _press_setup(viewer, make_widget, qtbot)
     segmenter = widget.segmenter
     click(viewer, qtbot, layer.data_to_world(centroid(truth == 2)))
     before = segmenter.prediction

@@ -47,7 +47,9 @@ from .tiled_segmenter import TiledPlanes
 try:  # napari's Points "add" mode adds the point on release when the release lies within
     # this distance (canvas px) of the press, whatever the path (a drag out and back adds
     # it too); moves beyond it are left to the camera, which pans. Private in napari 0.9.
-    from napari.layers.points._points_mouse_bindings import DRAG_DIST_THRESHOLD as DRAG_THRESHOLD_PX
+    from napari.layers.points._points_mouse_bindings import (
+        DRAG_DIST_THRESHOLD as DRAG_THRESHOLD_PX,
+    )
 except ImportError:  # moved or renamed in another napari: its value in napari 0.9.2
     DRAG_THRESHOLD_PX = 5
 
