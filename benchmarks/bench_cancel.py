@@ -140,11 +140,17 @@ def everything_case(viewer, case: str, repeats: int, rng: random.Random, shots: 
     widget.set_mode("amg" if case == "amg" else "ais")
     # the objects would go into an existing Labels layer with an object: a cancelled job
     # must write nothing into it
-    existing = np.zeros(layer.data.shape[:2], np.int32)
-    existing[:64, :64] = 1
-    target = viewer.add_labels(existing, name="existing labels")
-    pump(0.2)
-    widget.set_labels_layer(target)
+    def fresh_target():
+        if "existing labels" in viewer.layers:
+            viewer.layers.remove("existing labels")
+        existing = np.zeros(layer.data.shape[:2], np.int32)
+        existing[:64, :64] = 1
+        target = viewer.add_labels(existing, name="existing labels")
+        pump(0.2)
+        widget.set_labels_layer(target)
+        return labels_data(viewer)
+
+    fresh_target()
     if case != "encode":  # the embedding is cached, as after the interactive widget encoded
         from napari_sam._napari.geometry import current_plane
 
@@ -161,12 +167,16 @@ def everything_case(viewer, case: str, repeats: int, rng: random.Random, shots: 
             widget.session.cache.invalidate()
         r = cancel_after(widget._run_button, widget._cancel_button, widget.runner,
                          rng.uniform(*DELAYS[case]), long_part, lambda: widget.status)
-        if r is None:
+        if r is None:  # it may have run to its end and written its objects: start afresh
             print(case, "job was past its long part at the cancel: sample dropped", flush=True)
+            labels_before = fresh_target()
             continue
         if ("cancelled" not in widget.status or len(viewer.layers) != before
                 or not labels_unchanged(viewer, labels_before)):
-            raise RuntimeError(f"cancel did not leave the labels alone: {widget.status!r}")
+            now = labels_data(viewer)
+            changed = [n for n, d in labels_before.items() if n not in now or not np.array_equal(now[n], d)]
+            raise RuntimeError(f"cancel did not leave the labels alone: {widget.status!r}, changed: {changed}, "
+                               f"layers {[x.name for x in viewer.layers]}")
         results.append(r)
         print(case, f"cancel after {r['delay']:.2f} s ({r['at']!r}) -> ended {r['latency'] * 1000:.0f} ms later",
               flush=True)
@@ -174,7 +184,7 @@ def everything_case(viewer, case: str, repeats: int, rng: random.Random, shots: 
         pump(0.3)
         widget.grab().save(os.path.join(shots, f"everything_cancelled_{case}.png"))
     viewer.window.remove_dock_widget(widget)
-    viewer.layers.remove(target)
+    viewer.layers.remove("existing labels")
     return results
 
 
@@ -199,6 +209,8 @@ def propagate_case(viewer, repeats: int, rng: random.Random, shots: str | None) 
                          rng.uniform(*DELAYS["propagate"]), lambda: True, lambda: widget.status)
         if r is None:
             print("propagate: the propagation ended before the cancel: sample dropped", flush=True)
+            if "SAM labels" in viewer.layers:  # it wrote its labels: start afresh
+                viewer.layers.remove("SAM labels")
             continue
         if ("cancelled" not in widget.status or not labels_unchanged(viewer, labels_before)
                 or "SAM labels" in viewer.layers and viewer.layers["SAM labels"].data.any()):

@@ -333,15 +333,8 @@ def test_a_click_is_decoded_on_the_press_once(viewer, make_widget, qtbot):
     from qtpy.QtTest import QTest
     from test_napari_first_hour import canvas_point, click
 
-    img, truth = objects_2d()
-    layer = viewer.add_image(img, name="cells")
-    model = CountingOracle(image_size=256)
-    widget = make_widget(model, auto_encode=False)
-    assert widget.encode_current_slice(wait=True)
-    viewer.reset_view()
-    qtbot.wait(50)
-    points, preview = viewer.layers["SAM points"], viewer.layers["SAM preview"]
-    native = viewer.window._qt_viewer.canvas.native
+    layer, truth, model, widget, points, native = _press_setup(viewer, make_widget, qtbot)
+    preview = viewer.layers["SAM preview"]
     left, none = Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
     pos = canvas_point(viewer, layer.data_to_world(centroid(truth == 2)))
     QTest.mousePress(native, left, none, pos)
