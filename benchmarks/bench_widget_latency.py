@@ -23,9 +23,13 @@ release: Points add, highlight, thumbnail; our check that the added point is the
 decoded), thumbnails (inside the above), and the draw.
 Groups of clicks of three kinds take turns in one run: the clicks above; clicks that redraw
 the preview as before (the whole plane re-sliced and uploaded) instead of in place (the
-changed box only), the "whole" row; and held clicks, as a person clicks: the button held
+changed box only), the "whole" row; held clicks, as a person clicks: the button held
 ``--hold-ms`` with events processed meanwhile, timed from the press to the first draw of
-the preview (before the release when the widget is done by then).
+the preview (before the release when the widget is done by then); and rested clicks, as a
+person aims: the cursor moved to the spot and left there ``--rest-ms`` (each value its own
+group) before a held click, so the widget's decode-ahead may have the masks ready; the
+same clicks' press -> preview with decode-ahead off (the "rested, decode-ahead off" row)
+shows what it saves.
 In the same run, the engine's own ``predict`` (one point, multimask, full-res masks) and
 its low-res decode alone give the floor the widget adds to.
 """
@@ -135,7 +139,7 @@ def engine_floor(predictor, size: int, repeats: int) -> dict:
     return {"predict_p50": percentile(full, 50), "decode_low_res_p50": percentile(low, 50)}
 
 
-def run(model_type: str, size: int, clicks: int, precision: str, hold_ms: float) -> dict:
+def run(model_type: str, size: int, clicks: int, precision: str, hold_ms: float, rest_ms: list[float]) -> dict:
     from qtpy.QtCore import Qt
     from qtpy.QtTest import QTest
     from qtpy.QtWidgets import QApplication
@@ -179,10 +183,11 @@ def run(model_type: str, size: int, clicks: int, precision: str, hold_ms: float)
         rng = np.random.default_rng(1)
         totals, parts, whole_plane = [], defaultdict(list), []
         in_place = prompt_layers_mod._refresh_region
+        kinds = ["in place", "whole", "held", *(("rested", r, on) for r in rest_ms for on in (True, False))]
         try:
-            held = []
-            for i in range(3 * clicks + 3):  # 3 warm-up clicks, then groups of each kind in turn
-                kind = "in place" if i < 3 else ("in place", "whole", "held")[((i - 3) // 3) % 3]
+            held, rested = [], defaultdict(list)
+            for i in range(len(kinds) * clicks + 3):  # 3 warm-up clicks, then groups of each kind in turn
+                kind = "in place" if i < 3 else kinds[((i - 3) // 3) % len(kinds)]
                 whole = kind == "whole"
                 prompt_layers_mod._refresh_region = (lambda *_a: False) if whole else in_place
                 if i % 3 == 0:
@@ -194,6 +199,18 @@ def run(model_type: str, size: int, clicks: int, precision: str, hold_ms: float)
                 probes.reset()
                 if kind == "held":
                     held.append(held_click(native, pos, drawn, probes, hold_ms))
+                    continue
+                if kind[0] == "rested":
+                    _, rest, ahead = kind
+                    seg.decode_ahead = ahead
+                    QTest.mouseMove(native, pos)
+                    t_rest = time.perf_counter()
+                    while time.perf_counter() - t_rest < rest / 1000:
+                        QApplication.processEvents()
+                        time.sleep(0.001)
+                    probes.reset()
+                    rested[(rest, ahead)].append(held_click(native, pos, drawn, probes, hold_ms))
+                    seg.decode_ahead = True
                     continue
                 drawn["t"] = 0.0
                 t0 = time.perf_counter()
@@ -231,6 +248,7 @@ def run(model_type: str, size: int, clicks: int, precision: str, hold_ms: float)
             "whole_p50": percentile(whole_plane, 50), "whole_p95": percentile(whole_plane, 95),
             "parts": {k: (percentile(v, 50), percentile(v, 95)) for k, v in parts.items()},
             "hold_ms": hold_ms, "held_p50": percentile(held, 50), "held_p95": percentile(held, 95),
+            "rested": {key: (percentile(v, 50), percentile(v, 95)) for key, v in rested.items()},
             **floor,
         }
 
@@ -277,18 +295,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--hold-ms", type=float, default=100.0,
                         help="how long the held clicks keep the button down")
+    parser.add_argument("--rest-ms", type=float, nargs="*", default=[100.0, 250.0],
+                        help="how long the cursor rests on the spot before a rested click (one group each)")
     parser.add_argument("--note", default="", help="a sentence on the machine's state, written after the table")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = " / ".join(f"{v:.1f}" for v in os.getloadavg())
-    r = run(args.model, args.size, args.clicks, args.precision, args.hold_ms)
+    r = run(args.model, args.size, args.clicks, args.precision, args.hold_ms, args.rest_ms)
     rows = "".join(
         f"| {label} | {r['parts'][key][0]:.1f} | {r['parts'][key][1]:.1f} |\n" for key, label in PARTS)
     table = (
         f"`xvfb-run -a .venv/bin/python benchmarks/bench_widget_latency.py --model {r['model']} "
-        f"--size {r['size']} --clicks {r['clicks']} --hold-ms {r['hold_ms']:.0f}`: the widget docked with `add_plugin_dock_widget` in a "
+        f"--size {r['size']} --clicks {r['clicks']} --hold-ms {r['hold_ms']:.0f} --rest-ms "
+        f"{' '.join(f'{v:.0f}' for v in args.rest_ms)}`: the widget docked with `add_plugin_dock_widget` in a "
         f"shown viewer (Xvfb, Mesa llvmpipe), {r['model']} with random weights, {r['size']}x{r['size']} image, "
         f"{r['clicks']} real mouse clicks (QTest press + release on the canvas; groups of 1-3 points), timed "
         f"from the press to the end of the canvas draw showing the preview. {cpu_name()}, torch "
@@ -300,7 +321,11 @@ def main() -> None:
         f"| total, button held {r['hold_ms']:.0f} ms as a person's click (press -> preview drawn; "
         f"{r['clicks']} more clicks, groups alternating with the others) | {r['held_p50']:.1f} | "
         f"{r['held_p95']:.1f} |\n"
-        f"| total, preview redrawn whole (re-slice + whole-plane upload, as before; {r['clicks']} more clicks) | "
+        + "".join(
+            f"| total, cursor rested {rest:.0f} ms on the spot, then a held click (press -> preview drawn), "
+            f"decode-ahead {'on (default)' if on else 'off'} | {p50:.1f} | {p95:.1f} |\n"
+            for (rest, on), (p50, p95) in sorted(r["rested"].items(), key=lambda kv: (kv[0][0], not kv[0][1])))
+        + f"| total, preview redrawn whole (re-slice + whole-plane upload, as before; {r['clicks']} more clicks) | "
         f"{r['whole_p50']:.1f} | {r['whole_p95']:.1f} |\n"
         f"| (thumbnails, inside the rows above) | {r['parts']['thumbnail'][0]:.1f} | "
         f"{r['parts']['thumbnail'][1]:.1f} |\n\n"

@@ -11,6 +11,7 @@ and writes objects through the one label writer (:func:`.labels_io.write_objects
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import numpy as np
 from psygnal import Signal
@@ -18,6 +19,7 @@ from psygnal import Signal
 from .decode import Prediction, decode_objects
 from .encoding import SliceEncoder
 from .geometry import PlaneError, SlicePlane, current_plane
+from .lookahead import DecodeAhead
 from .labels_io import (
     CommitResult,
     LabelsWriteError,
@@ -53,6 +55,9 @@ try:  # napari's Points "add" mode adds the point on release when the release li
 except ImportError:  # moved or renamed in another napari: its value in napari 0.9.2
     DRAG_THRESHOLD_PX = 5
 
+# the cursor counts as resting (a click may follow) after this long without a move
+REST_MS = 40
+
 
 class _Same:
     """Wraps an object for a decode key: equal only to a wrapper of the very same object
@@ -83,6 +88,8 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         auto_encode: encode the shown slice as soon as it is shown (default True).
         multimask: "auto" (3 candidates for a single point, else 1), True or False.
         rank: which candidate is shown: 0 = best predicted IoU, 1 = second…
+        decode_ahead: while the cursor rests on the canvas, decode in the background what
+            a click there would add, so the click's preview needs no decode (default True).
     Signals: ``changed()`` after any state change, ``status(str)`` for the user.
     """
 
@@ -94,6 +101,10 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         self.image_layer = self.labels_layer = None
         self.points_layer = self.boxes_layer = None
         self.overwrite, self.auto_encode, self.multimask = False, True, "auto"
+        self.decode_ahead = True
+        self._ahead = DecodeAhead()
+        self._hover = None  # world position of the cursor's last move on the canvas
+        self._rest_timer = None  # a QTimer, made on the first move
         self.plane: SlicePlane | None = None
         self.prediction: Prediction | None = None
         self._decoded: tuple | None = None  # (decode key, the Prediction decoded from it)
@@ -122,6 +133,7 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         for signal, slot in self._connections:
             signal.connect(slot)
         viewer.mouse_drag_callbacks.append(self._on_press)
+        viewer.mouse_move_callbacks.append(self._on_hover)
 
     def close(self) -> None:
         """Stop and join the background encoding; disconnect from the viewer and the
@@ -131,8 +143,13 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
             with contextlib.suppress(Exception):
                 signal.disconnect(slot)
         self._connections = []
-        with contextlib.suppress(ValueError):
-            self.viewer.mouse_drag_callbacks.remove(self._on_press)
+        for callbacks, callback in ((self.viewer.mouse_drag_callbacks, self._on_press),
+                                    (self.viewer.mouse_move_callbacks, self._on_hover)):
+            with contextlib.suppress(ValueError):
+                callbacks.remove(callback)
+        if self._rest_timer is not None:
+            self._rest_timer.stop()
+        self._ahead.close()
         self._disconnect_prompt_layers()
 
     # ------------------------------------------------------------------ state
@@ -281,10 +298,7 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         threshold still adds its point: its data event then decodes it). A failed decode
         is reported and lets napari go on (the click still adds its point)."""
         points = self.points_layer
-        if (event.button != 1 or event.modifiers or self._muted or points is None or self.tiles is not None
-                or self.plane is None or viewer.layers.selection.active is not points or points.mode != "add"
-                or not points.visible or viewer.dims.ndisplay != 2 or not self.session.has_model
-                or not self.encoder.activate()):
+        if event.button != 1 or event.modifiers or not self._click_adds_point():
             return
         before = self.prediction, self._decoded
         try:
@@ -305,6 +319,59 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
             self.prediction, self._decoded = before  # not a newer one made during the hold
             self._show(self.prediction)
             self.changed.emit()
+
+    def _click_adds_point(self) -> bool:
+        """A plain left click on the canvas now adds a point that is decoded at once: the
+        points layer active in "add" mode and shown, a 2D untiled view, a model, and the
+        shown slice's embedding ready (made current in the predictor)."""
+        points, viewer = self.points_layer, self.viewer
+        return not (self._muted or points is None or self.tiles is not None or self.plane is None
+                    or viewer.layers.selection.active is not points or points.mode != "add"
+                    or not points.visible or viewer.dims.ndisplay != 2 or not self.session.has_model
+                    or not self.encoder.activate())
+
+    def _on_hover(self, viewer, event) -> None:
+        """The cursor moved over the canvas (no button held): once it rests REST_MS,
+        :meth:`_decode_hovered`. Cheap: this runs on every move."""
+        if not self.decode_ahead or self.points_layer is None:
+            return
+        self._hover = event.position
+        if self._rest_timer is None:
+            from qtpy.QtCore import QTimer
+
+            self._rest_timer = QTimer()
+            self._rest_timer.setSingleShot(True)
+            self._rest_timer.setInterval(REST_MS)
+            self._rest_timer.timeout.connect(self._decode_hovered)
+        self._rest_timer.start()  # (re)started: fires once the cursor rests
+
+    def _decode_hovered(self) -> None:
+        """Start decoding, in the background, the prompts a click at the resting cursor
+        would make (see :mod:`.lookahead`): :meth:`_predict` then takes the result instead
+        of decoding. Nothing is shown or reported from here."""
+        if (not self.decode_ahead or self._hover is None or self.encoding or not self._click_adds_point()):
+            return
+        if self._ahead.busy:  # one at a time: try again when it is done
+            self._rest_timer.start()
+            return
+        adding = self.points_layer.world_to_data(self._hover)
+        points_rc, point_labels, boxes_xyxy, outside = self._prompts(adding=adding)
+        if outside > self._prompts()[3]:
+            return  # off the image: a click there is reported, not decoded
+        key = self._decode_key(points_rc, point_labels, boxes_xyxy)
+        if self._decoded is not None and self._decoded[0] == key:
+            return
+        # everything it reads, as it is now (the key describes this state): the GUI thread
+        # may make another embedding current or change the refined object meanwhile
+        predictor = copy.copy(self.session.predictor)
+        plane, refine_mask, multimask, rank = self.plane, self._refine_mask, self.multimask, self.rank
+
+        def decode() -> Prediction:
+            prediction = decode_objects(predictor, plane, points_rc, point_labels, boxes_xyxy, refine_mask, multimask)
+            prediction.crops(rank)  # the shown candidate's upsampling too
+            return prediction
+
+        self._ahead.start(key, decode)
 
     def _on_layer_removed(self, event) -> None:
         layer = event.value
@@ -334,6 +401,7 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
 
     def _on_model_changed(self, model=None) -> None:
         self.encoder.reset()
+        self._ahead.forget()  # (it holds the old model)
         self.prediction, self._decoded, self._seen = None, None, None
         self.sync()
 
@@ -407,7 +475,8 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         key = self._decode_key(points_rc, point_labels, boxes_xyxy)
         shown = self._decoded is not None and self._decoded[1] is self.prediction and self._decoded[0] == key
         if self.prediction is None or not shown:  # else these very masks are shown already
-            self.prediction = self._decode(points_rc, point_labels, boxes_xyxy)
+            ahead = self._ahead.take(key)  # made while the cursor rested (waits for it)
+            self.prediction = ahead if ahead is not None else self._decode(points_rc, point_labels, boxes_xyxy)
             self._decoded = (key, self.prediction)
             self._show(self.prediction)
         self.changed.emit()

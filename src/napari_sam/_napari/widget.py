@@ -208,6 +208,13 @@ class SegmentAnythingWidget(QWidget):
             row.addWidget(a)
             row.addWidget(b)
             grid.addLayout(row)
+        self._ahead = QCheckBox("Decode under the resting cursor")
+        self._ahead.setChecked(self.segmenter.decode_ahead)
+        self._ahead.toggled.connect(lambda on: setattr(self.segmenter, "decode_ahead", bool(on)))
+        with_tip(self._ahead, "while the cursor rests on the image, work out the mask a click there would "
+                              "give, so it shows as soon as you click (briefly uses the CPU while you "
+                              "hover; off: the mask is worked out on the click)")
+        grid.addWidget(self._ahead)
         layout.addWidget(prompt_box)
         self.volume = VolumePanel(self.segmenter, self.session)  # propagation, embedding store
         layout.addWidget(self.volume)
