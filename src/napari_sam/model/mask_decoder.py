@@ -87,15 +87,17 @@ class MaskDecoder(nn.Module):
         queries, src_tokens, key_pe = transformer.two_way_layers(src, image_pe, tokens, cache)
         # the final attention only for the token rows read: the IoU token of every prompt
         # (row 0), then the K mask tokens asked for (rows 1 + k), of the prompts kept
-        iou_token_out = transformer.final_tokens(queries, src_tokens, key_pe, tokens, [0])[:, 0]
         keep = slice(1, None) if multimask_output else slice(0, 1)
         mask_rows = [1 + k for k in range(self.num_mask_tokens)][keep]
         mlps = list(self.output_hypernetworks_mlps)[keep]
-        iou_pred = self.iou_prediction_head(iou_token_out)[:, keep]  # (B, K)
-
-        if min_iou is None:
+        if min_iou is None:  # every prompt's masks: all the rows in one pass over the image
             rows = None
+            final = transformer.final_tokens(queries, src_tokens, key_pe, tokens, [0, *mask_rows])
+            iou_token_out, mask_tokens_out = final[:, 0], final[:, 1:]  # (B, C), (B, K, C)
+            iou_pred = self.iou_prediction_head(iou_token_out)[:, keep]  # (B, K)
         else:
+            iou_token_out = transformer.final_tokens(queries, src_tokens, key_pe, tokens, [0])[:, 0]
+            iou_pred = self.iou_prediction_head(iou_token_out)[:, keep]  # (B, K)
             # in float32, as callers filter the returned IoU: a bf16 comparison would round
             # min_iou to bf16 first and drop prompts between it and min_iou
             rows = (iou_pred.float() > min_iou).any(dim=1).nonzero()[:, 0]  # (B',)
@@ -103,8 +105,8 @@ class MaskDecoder(nn.Module):
                 return src_tokens.new_zeros(0, iou_pred.shape[1], 4 * h, 4 * w), iou_pred, rows
             src_tokens = src_tokens.expand(b, -1, -1)[rows]  # (B', HW, C)
             queries, tokens = queries[rows], tokens[rows]
+            mask_tokens_out = transformer.final_tokens(queries, src_tokens, key_pe, tokens, mask_rows)
         n = len(queries)
-        mask_tokens_out = transformer.final_tokens(queries, src_tokens, key_pe, tokens, mask_rows)  # (n, K, C)
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(mlps)], dim=1
         )  # (n, K, C/8) for the K masks asked for
