@@ -47,9 +47,14 @@ class SliceEncoder:
             return None
         return self.session.key_for(*shown)
 
-    def activate(self) -> bool:
+    def activate(self, prepared=None) -> bool:
         """Make the shown slice's embedding current in the predictor if it is available
-        (never encodes). Cheap when it already is current."""
+        (never encodes). Cheap when it already is current.
+
+        Args:
+            prepared: the worker's :class:`~napari_sam.engine.predictor.PreparedEmbedding`
+                of the embedding, if any (used only if it is the one made current).
+        """
         key = self.current_key()
         if key is None:
             return False
@@ -61,7 +66,7 @@ class SliceEncoder:
         predictor = self.session.predictor
         embedding = self._active[1]
         if not predictor.is_image_set or predictor.get_embedding() is not embedding:
-            predictor.set_embedding(embedding)
+            predictor.set_embedding(embedding, prepared)
         return True
 
     @property
@@ -109,26 +114,25 @@ class SliceEncoder:
         key, job = self.session.encode_job(layer, plane)
         self._job_key, self.failed_key = key, None
         self._report(f"encoding '{layer.name}' ({plane.describe()})…")
-        self.runner.start(job, desc=f"SAM: encoding '{layer.name}' ({plane.describe()})",
+        self.runner.start(_encode_then_prepare(job, self.session.predictor),
+                          desc=f"SAM: encoding '{layer.name}' ({plane.describe()})",
                           on_done=self._on_encoded, on_error=self._on_error, on_cancel=self._on_cancelled)
         return False
 
     def _on_encoded(self, result) -> None:
-        key, embedding = result
+        key, embedding, prepared = result
         if key != self.current_key():
             return  # the user moved on: cached for later, not applied here
         self._active = (key, embedding)
-        if self.activate():
-            self._prepare_decoder()
+        if self.activate(prepared):
             self._on_ready()
 
     def _prepare_decoder(self) -> None:
         """Do the predictor's per-image decoder work (the image-side projections every
-        prompt reuses) now that the encode ended, so the first click does not wait for it.
-        Only here: slices activated again from the cache (scrolling) prepare lazily, on
-        their first prompt. On the GUI thread: the predictor keys this work on the
-        features tensor it made current (set_embedding copies inference tensors), which
-        exists only once the embedding is activated here."""
+        prompt reuses) now, so the first click does not wait for it: for ``wait=True``
+        encodes (a background encode does it in its worker, :func:`_encode_then_prepare`).
+        Slices activated again from the cache (scrolling) prepare lazily, on their first
+        prompt."""
         self.session.predictor.prepare_decoder()
 
     def _on_error(self, exc) -> None:
@@ -148,9 +152,12 @@ class SliceEncoder:
             return
         pending, self._pending = self._pending, False
         key = self.current_key()
-        if (pending or self._auto_encode()) and key is not None and key != self.failed_key:
-            if not self.activate():
-                self.request()
+        if key is None or key in (self.failed_key, self._job_key):
+            # nothing shown, the slice that failed or was stopped, or the slice the ended
+            # job encoded: its on_done (next) applies it with the worker's decoder work
+            return
+        if (pending or self._auto_encode()) and not self.activate():
+            self.request()
 
     def wait(self, timeout: float = 120.0) -> bool:
         """Process Qt events until no background encoding runs; False on timeout."""
@@ -162,3 +169,15 @@ class SliceEncoder:
 
     def shutdown(self) -> None:
         self.runner.shutdown()
+
+
+def _encode_then_prepare(job, predictor):
+    """The encode ``job`` (a generator returning ``(key, embedding)``), then, in the same
+    worker, ``predictor``'s per-image work for the embedding (a plain copy of its features,
+    the decoder's image-side projections: tens of ms on a CPU), which the GUI thread would
+    otherwise do when the result is applied. Returns ``(key, embedding, prepared)``;
+    ``prepared`` is None when the model changed meanwhile (the result is not applied)."""
+    key, embedding = yield from job
+    if embedding.model_signature != predictor.model_signature:
+        return key, embedding, None
+    return key, embedding, predictor.prepare_embedding(embedding)

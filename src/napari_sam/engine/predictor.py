@@ -19,6 +19,7 @@ from .image import ResizeLongestSide, require_resizable, to_rgb_uint8
 
 __all__ = [
     "ImageEmbedding",
+    "PreparedEmbedding",
     "SamPredictor",
     "Stopped",
     "full_res_masks",
@@ -43,6 +44,27 @@ class ImageEmbedding:
     original_size: tuple[int, int]
     input_size: tuple[int, int]
     model_signature: str
+
+
+@dataclass(frozen=True)
+class PreparedEmbedding:
+    """An :class:`ImageEmbedding` made ready to decode, in any thread, by
+    :meth:`SamPredictor.prepare_embedding`; :meth:`SamPredictor.set_embedding` then makes
+    it current without redoing that work on its own thread.
+
+    Attributes:
+        embedding: the embedding it was made from.
+        features: (1, C, He, We) float32 copy of ``embedding.features`` as a plain tensor
+            (not an inference tensor) on the predictor's device: the tensor the predictor
+            makes current.
+        image_side: the decoder's per-image work for ``features``, keyed, as the
+            predictor's own, on that tensor and on the decoder's weights as they were when
+            it was computed: weights changed since then are never decoded with it.
+    """
+
+    embedding: ImageEmbedding
+    features: torch.Tensor
+    image_side: DerivedFromParameters
 
 
 def _model_signature(model) -> str:
@@ -181,23 +203,66 @@ class SamPredictor:
         """Reference-compatible: encode an already resized (1, 3, h, w) tensor."""
         self.set_embedding(self.encode_torch_image(transformed_image, original_image_size))
 
-    def set_embedding(self, embedding: ImageEmbedding) -> None:
-        """Make a previously computed embedding current, without re-encoding."""
-        expected = _model_signature(self.model)
+    def set_embedding(self, embedding: ImageEmbedding, prepared: PreparedEmbedding | None = None) -> None:
+        """Make a previously computed embedding current, without re-encoding.
+
+        Args:
+            embedding: the embedding.
+            prepared: optional :meth:`prepare_embedding` of ``embedding`` (done in another
+                thread): its features and decoder work are used, not redone here. Ignored
+                when made from another embedding or for another device.
+        """
+        self._require_signature(embedding)
+        if prepared is not None and (
+            prepared.embedding is not embedding or prepared.features.device != self.device
+        ):
+            prepared = None
+        features = self._plain_features(embedding) if prepared is None else prepared.features
+        self.features = features
+        self.original_size = embedding.original_size
+        self.input_size = embedding.input_size
+        self._embedding = embedding
+        if prepared is not None:  # after the assignments above, which reset it
+            self._image_side = prepared.image_side
+        self.is_image_set = True
+
+    def prepare_embedding(self, embedding: ImageEmbedding) -> PreparedEmbedding:
+        """The work :meth:`set_embedding` and :meth:`prepare_decoder` do for ``embedding``
+        (a plain copy of its features, the decoder's per-image projections), done now
+        without changing the predictor's state: thread-friendly, e.g. in the worker that
+        encoded it, so that ``set_embedding(embedding, prepared)`` on the GUI thread is
+        instant. Hand the result to one predictor.
+
+        Raises:
+            ValueError: ``embedding`` was made by other weights (see :attr:`model_signature`).
+        """
+        self._require_signature(embedding)
+        features = self._plain_features(embedding)
+        image_side = DerivedFromParameters()
+        _image_side_of(self.model, features, image_side)
+        return PreparedEmbedding(embedding, features, image_side)
+
+    @property
+    def model_signature(self) -> str:
+        """Which weights it decodes with: the ``model_signature`` its embeddings must have."""
+        return _model_signature(self.model)
+
+    def _require_signature(self, embedding: ImageEmbedding) -> None:
+        expected = self.model_signature
         if embedding.model_signature != expected:
             raise ValueError(
                 f"expected an embedding made by {expected}, got one made by "
                 f"{embedding.model_signature}"
             )
+
+    def _plain_features(self, embedding: ImageEmbedding) -> torch.Tensor:
+        """``embedding.features`` on the predictor's device, copied if it is an inference
+        tensor (clients may run autograd or in-place ops on ``predictor.features``)."""
         features = embedding.features.to(self.device)
-        if features.is_inference():  # clients may run autograd or in-place ops on it
+        if features.is_inference():
             with torch.inference_mode(False):
                 features = features.clone()
-        self.features = features
-        self.original_size = embedding.original_size
-        self.input_size = embedding.input_size
-        self._embedding = embedding
-        self.is_image_set = True
+        return features
 
     def get_embedding(self) -> ImageEmbedding:
         """The current :class:`ImageEmbedding` (to cache or store it)."""
@@ -387,18 +452,21 @@ class SamPredictor:
 
     def _image_side_cache(self):
         """The model's prompt-independent decoder work for the current features."""
-        # done once per image and reused by every later call; remade when the features or
-        # the decoder's weights change in place (client code, load_state_dict), so they
-        # are never decoded against stale projections. Inference-mode features cannot
-        # change in place outside inference mode: they are keyed by identity alone (a
-        # new features tensor resets the cache).
-        features = self.features
-        sources = (None if features.is_inference() else features, *_decoder_tensors(self.model))
-        return self._image_side.get(
-            sources,
-            getattr(self.model, "decoder_dtype", None),
-            lambda: self.model.image_side_cache(features),
-        )
+        return _image_side_of(self.model, self.features, self._image_side)
+
+
+def _image_side_of(model, features: torch.Tensor, derived: DerivedFromParameters):
+    """``model.image_side_cache(features)``, kept in ``derived``: done once per image and
+    reused by every later call; remade when the features or the decoder's weights change
+    in place (client code, load_state_dict), so they are never decoded against stale
+    projections. Inference-mode features cannot change in place outside inference mode:
+    they are keyed by identity alone (a new features tensor resets the cache)."""
+    sources = (None if features.is_inference() else features, *_decoder_tensors(model))
+    return derived.get(
+        sources,
+        getattr(model, "decoder_dtype", None),
+        lambda: model.image_side_cache(features),
+    )
 
 
 def full_res_masks(
