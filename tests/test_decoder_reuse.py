@@ -219,3 +219,19 @@ def test_token_to_image_attention_equals_plain_attention(tiny_sam, image_batch, 
         keys = image if pe is None else image + pe
         plain = attention(tokens, keys.expand(3, -1, -1), image.expand(3, -1, -1))
     torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_prompts_with_many_points_share_the_image_side(tiny_sam):
+    """Batched prompts with enough points that the image->token attention is not folded
+    (heads x tokens >= its width) decode as each prompt alone does."""
+    predictor = predictor_with_image(copy.deepcopy(tiny_sam))
+    attention = tiny_sam.mask_decoder.transformer.layers[0].cross_attn_image_to_token
+    points = attention.internal_dim // attention.num_heads  # with the 5 output tokens: not folded
+    coords = torch.rand(3, points, 2, generator=torch.Generator().manual_seed(0)) * 250
+    labels = torch.ones(3, points, dtype=torch.int)
+    with torch.inference_mode():
+        masks, iou = predictor.decode_low_res(coords, labels)
+        for i in range(3):
+            alone_masks, alone_iou = predictor.decode_low_res(coords[i : i + 1], labels[i : i + 1])
+            torch.testing.assert_close(masks[i : i + 1], alone_masks, rtol=0, atol=1e-4)
+            torch.testing.assert_close(iou[i : i + 1], alone_iou, rtol=0, atol=1e-5)

@@ -56,9 +56,9 @@ class Attention(nn.Module):
             q_rows = q.transpose(0, 1).reshape(1, heads, b * nq, d)
             out = self._softmax_attention(q_rows, k, v)[0]  # (heads, B*Nq, d)
             out = out.reshape(heads, b, nq, d).transpose(0, 1)  # (B, heads, Nq, d)
-        else:
+        else:  # batches broadcast: a batch-1 image's queries against B prompts' tokens too
             out = self._softmax_attention(q, k, v)  # (B, heads, Nq, d)
-        return self.out_proj(out.transpose(1, 2).reshape(b, nq, heads * d))
+        return self.out_proj(out.transpose(1, 2).reshape(out.shape[0], nq, heads * d))
 
     @staticmethod
     def _softmax_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
