@@ -11,17 +11,18 @@ layer in "add" mode, as the widget leaves it). A click is timed from the press t
 of the first canvas draw after the preview was updated (vispy's draw event, after Qt
 processed the paint). Clicks come in groups of three (1, 2, 3 points), then the prompts
 are cleared (untimed). The release is sent right after the press (no event processed in
-between), so the time includes napari's handling of the release (the Points layer adds
-the point then); the widget decodes on the press.
+between); the widget decodes on the press and has the preview drawn before returning, so
+napari's handling of the release (the Points layer adds the point then) comes after the
+preview's first draw, which is where a click is timed to.
 
 Breakdown (each click's time split at instrumented calls, p50 over the clicks):
 napari's mouse handling before our prediction (``_predict``: prompts -> masks -> preview),
 our decode (``decode_objects``), upsampling of the shown candidate (``Prediction.crops``),
 the preview layer's update and refresh (``show_preview``), the rest of our prediction
-(prompt reading, status, UI), what napari does after it until the click returns (the
-release: Points add, highlight, thumbnail; our check that the added point is the one
-decoded), thumbnails (inside the above), and the draw.
-Groups of clicks of three kinds take turns in one run: the clicks above; clicks that redraw
+(prompt reading, status, UI), the time from there until the preview is drawn, thumbnails
+(inside the above), and, outside the total, napari's release handling (Points add,
+highlight, thumbnail) when it came after the preview's draw.
+Groups of clicks of several kinds take turns in one run: the clicks above; clicks that redraw
 the preview as before (the whole plane re-sliced and uploaded) instead of in place (the
 changed box only), the "whole" row; held clicks, as a person clicks: the button held
 ``--hold-ms`` with events processed meanwhile, timed from the press to the first draw of
@@ -53,8 +54,8 @@ PARTS = [
     ("upsample", "upsample the shown candidate (`Prediction.crops`)"),
     ("preview", "preview layer update + refresh (`show_preview`)"),
     ("handler_rest", "rest of our prediction (prompt reading, status, UI)"),
-    ("after", "napari after it until the click returns (release: Points add, highlight)"),
-    ("draw", "Qt paint + vispy draw"),
+    ("draw", "after our prediction until the preview is drawn (Qt paint + vispy draw)"),
+    ("release", "(napari's release handling: Points add, highlight; after the preview's draw when that came first)"),
 ]
 
 
@@ -165,10 +166,11 @@ def run(model_type: str, size: int, clicks: int, precision: str, hold_ms: float,
 
         canvas = viewer.window._qt_viewer.canvas
         native = canvas.native
-        drawn = {"t": 0.0}
+        drawn = {"t": 0.0, "ends": []}
 
         def on_draw(_event=None):
             drawn["t"] = time.perf_counter()
+            drawn["ends"].append(drawn["t"])
 
         canvas._scene_canvas.events.draw.connect(on_draw, position="last")
         probes = Probes()
@@ -212,16 +214,18 @@ def run(model_type: str, size: int, clicks: int, precision: str, hold_ms: float,
                     rested[(rest, ahead)].append(held_click(native, pos, drawn, probes, hold_ms))
                     seg.decode_ahead = True
                     continue
-                drawn["t"] = 0.0
+                drawn["t"], drawn["ends"] = 0.0, []
                 t0 = time.perf_counter()
                 QTest.mousePress(native, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier, pos)
+                t_press = time.perf_counter()
                 QTest.mouseRelease(native, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier, pos)
                 t_sync = time.perf_counter()
                 deadline = t_sync + 2.0
-                while drawn["t"] < t_sync and time.perf_counter() < deadline:
+                while drawn["t"] < t_sync and time.perf_counter() < deadline:  # the release's draw too
                     QApplication.processEvents()
-                t_drawn = drawn["t"]
-                if "handler_in" not in probes.marks or widget.current_masks is None or t_drawn < t_sync:
+                shown = probes.marks.get("handler_out", float("inf"))
+                t_drawn = min((t for t in drawn["ends"] if t > shown), default=0.0)  # the preview's first draw
+                if "handler_in" not in probes.marks or widget.current_masks is None or not t_drawn:
                     raise RuntimeError(f"click {i} at {pos} did not produce a drawn preview")
                 if i < 3:
                     continue
@@ -235,8 +239,8 @@ def run(model_type: str, size: int, clicks: int, precision: str, hold_ms: float,
                     parts[name].append(1000 * s.get(name, 0.0))
                 parts["handler_rest"].append(
                     1000 * (s["handler"] - s.get("decode", 0) - s.get("upsample", 0) - s.get("preview", 0)))
-                parts["after"].append(1000 * (t_sync - probes.marks["handler_out"]))
-                parts["draw"].append(1000 * (t_drawn - t_sync))
+                parts["draw"].append(1000 * (t_drawn - probes.marks["handler_out"]))
+                parts["release"].append(1000 * (t_sync - max(t_press, min(t_drawn, t_sync))))
         finally:
             probes.remove()
             prompt_layers_mod._refresh_region = in_place

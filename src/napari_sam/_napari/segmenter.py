@@ -19,6 +19,7 @@ from psygnal import Signal
 from .decode import Prediction, decode_objects
 from .encoding import SliceEncoder
 from .geometry import PlaneError, SlicePlane, current_plane
+from .jobs import _paint_pending_now
 from .lookahead import DecodeAhead
 from .labels_io import (
     CommitResult,
@@ -307,6 +308,9 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
             self.report(f"could not segment the click: {type(exc).__name__}: {exc}")
             return
         mine = self.prediction  # the press's own result (None when nothing was decoded)
+        # drawn now, not after napari's handling of a release already queued (a quick
+        # click): its Points add and highlight take tens of ms before the next frame
+        _paint_pending_now()
         start = np.asarray(event.pos, float)
         yield
         while event.type == "mouse_move":
