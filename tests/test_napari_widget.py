@@ -431,3 +431,30 @@ def test_a_drag_keeps_a_preview_updated_during_the_hold(viewer, make_widget, qtb
     QTest.mouseRelease(native, left, none, start + QPoint(40, 0))
     assert len(points.data) == 1 and segmenter.prediction is updated
     np.testing.assert_array_equal(viewer.layers["SAM preview"].data > 0, widget.current_masks[0])
+
+
+def test_a_decode_failing_on_the_press_and_the_release_is_reported_not_raised(viewer, make_widget, qtbot,
+                                                                              monkeypatch):
+    """The point napari adds on the release decodes again (through the points layer's data
+    event); when that decode fails too, the status line says why and nothing is raised
+    into napari's event handling (which would show a traceback)."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtTest import QTest
+    from test_napari_first_hour import canvas_point
+
+    layer, truth, _model, widget, points, native = _press_setup(viewer, make_widget, qtbot)
+    segmenter = widget.segmenter
+
+    def fails(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(segmenter, "_decode", fails)
+    left, none = Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
+    pos = canvas_point(viewer, layer.data_to_world(centroid(truth == 2)))
+    QTest.mousePress(native, left, none, pos)
+    QTest.mouseRelease(native, left, none, pos)
+    assert len(points.data) == 1 and segmenter.prediction is None
+    assert "could not segment" in segmenter.last_status and "RuntimeError: out of memory" in segmenter.last_status
+    monkeypatch.undo()
+    segmenter.update_preview()  # a later prompt change decodes normally again
+    assert iou(widget.current_masks[0], truth == 2) >= 0.95

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import types
 
 import numpy as np
 from psygnal import Signal
@@ -281,13 +282,27 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
 
     # ------------------------------------------------------------------ events
     def _on_view_changed(self, event=None) -> None:
-        self.sync()
+        with self._reported("could not segment this view"):
+            self.sync()
 
     def _on_prompts_changed(self, event=None) -> None:
         action = str(getattr(event, "action", "")).lower()
         if self._muted or action.endswith(("adding", "removing", "changing")):
             return
-        self.update_preview()
+        with self._reported("could not segment the prompts"):
+            self.update_preview()
+
+    @contextlib.contextmanager
+    def _reported(self, what: str):
+        """In napari's event handlers: a failure goes to the status line, not into napari
+        (which would show a traceback); the preview keeps its last state. Yields an
+        outcome whose ``failed`` tells."""
+        outcome = types.SimpleNamespace(failed=False)
+        try:
+            yield outcome
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory in the decoder
+            outcome.failed = True
+            self.report(f"{what}: {type(exc).__name__}: {exc}")
 
     def _on_press(self, viewer, event):
         """A press that napari's Points "add" mode will turn into a point (on release,
@@ -302,10 +317,9 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         if event.button != 1 or event.modifiers or not self._click_adds_point():
             return
         before = self.prediction, self._decoded
-        try:
+        with self._reported("could not segment the click") as outcome:  # (raised, napari would not add the point)
             self._predict(*self._prompts(adding=points.world_to_data(event.position)))
-        except Exception as exc:  # noqa: BLE001 - raised here, napari would not add the point
-            self.report(f"could not segment the click: {type(exc).__name__}: {exc}")
+        if outcome.failed:
             return
         mine = self.prediction  # the press's own result (None when nothing was decoded)
         # drawn now, not after napari's handling of a release already queued (a quick
