@@ -48,3 +48,24 @@ def test_decoder_trains_with_the_fast_paths(tiny_sam):
         expected_masks, expected_iou = decoder(image, pe, sparse, dense, multimask_output=True)
     torch.testing.assert_close(masks.detach(), expected_masks, rtol=0, atol=1e-5)
     torch.testing.assert_close(iou.detach(), expected_iou, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("prompts", [1, 2])
+@pytest.mark.parametrize("cached", [False, True])
+def test_decoding_leaves_the_image_tokens_it_was_given_unchanged(tiny_sam, cached, prompts):
+    """Later layers write over their own image tokens (no copy), never over the caller's
+    embedding or the per-image cache: decoding the same prompt again gives the same masks."""
+    decoder = tiny_sam.mask_decoder
+    c = decoder.transformer_dim
+    gen = torch.Generator().manual_seed(0)
+    image, pe = torch.randn(1, c, 8, 8, generator=gen), torch.randn(1, c, 8, 8, generator=gen)
+    dense = torch.zeros(1, c, 8, 8)
+    sparse = torch.randn(prompts, 3, c, generator=gen)
+    with torch.inference_mode():
+        cache = decoder.transformer.image_side(image + dense, pe) if cached else None
+        kept = [t.clone() for t in (image, pe, *(vars(cache).values() if cached else ()))]
+        first = decoder(image, pe, sparse, dense, multimask_output=True, cache=cache)
+        again = decoder(image, pe, sparse, dense, multimask_output=True, cache=cache)
+        after = (image, pe, *(vars(cache).values() if cached else ()))
+    assert all(torch.equal(a, b) for a, b in zip(after, kept, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))

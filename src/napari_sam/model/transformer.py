@@ -133,6 +133,7 @@ class Attention(nn.Module):
         tokens_v: Tensor,
         projected_q: Tensor | None = None,
         residual: Tensor | None = None,
+        overwrite_residual: bool = False,
     ) -> Tensor:
         """Image tokens attend to prompt tokens -> (B, N, C), plus ``residual`` if given.
 
@@ -142,6 +143,8 @@ class Attention(nn.Module):
             projected_q: (1, h, N, d) ``split_heads(q_proj(image_q))`` if already known.
             residual: (B or 1, N, C) added to the result inside its matmul (no extra pass
                 over the B x N x C output).
+            overwrite_residual: the caller no longer needs ``residual``: without autograd
+                the result may be written over it (not copying it into a new output).
         """
         b, t, _ = tokens_k.shape
         if not self._fold_pays(t):
@@ -186,6 +189,12 @@ class Attention(nn.Module):
         # over the heads' value rows adds it once per image token: residual + attention out
         # in one matmul
         vo = (vo + self.out_proj.bias / heads).reshape(b, heads * t, -1)
+        if (
+            overwrite_residual
+            and residual.shape[0] == b
+            and not (torch.is_grad_enabled() and (residual.requires_grad or vo.requires_grad))
+        ):
+            return residual.baddbmm_(attn, vo)  # (B, N, C)
         return torch.baddbmm(residual, attn, vo)  # (B, N, C)
 
 
@@ -250,8 +259,13 @@ class TwoWayAttentionBlock(nn.Module):
         query_pe: Tensor,
         key_pe: Tensor,
         cache: ImageSideCache | None = None,
+        keys_owned: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        """queries (B, T, C), keys (B or 1, HW, C) -> updated (B, T, C), (B, HW, C)."""
+        """queries (B, T, C), keys (B or 1, HW, C) -> updated (B, T, C), (B, HW, C).
+
+        ``keys_owned``: the caller no longer needs ``keys`` (the previous layer's output),
+        which may then be overwritten.
+        """
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
@@ -271,7 +285,9 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm3(queries + self.mlp(queries))
 
         projected = cache.i2t_queries if cache is not None else None
-        keys = i2t.image_to_tokens(keys_pe, queries + query_pe, queries, projected, residual=keys)
+        keys = i2t.image_to_tokens(
+            keys_pe, queries + query_pe, queries, projected, residual=keys, overwrite_residual=keys_owned
+        )
         keys = self.norm4(keys)  # (B, HW, C)
         return queries, keys
 
@@ -358,8 +374,9 @@ class TwoWayTransformer(nn.Module):
             key_pe = self.flatten_image(image_pe)  # (1, HW, C)
         queries = point_embedding
         for i, layer in enumerate(self.layers):
+            # after the first layer the image tokens are this loop's own: overwritable
             queries, keys = layer(
-                queries, keys, point_embedding, key_pe, cache if i == 0 else None
+                queries, keys, point_embedding, key_pe, cache if i == 0 else None, keys_owned=i > 0
             )
         return queries, keys, key_pe
 
