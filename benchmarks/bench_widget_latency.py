@@ -30,7 +30,9 @@ the preview (before the release when the widget is done by then); and rested cli
 person aims: the cursor moved to the spot and left there ``--rest-ms`` (each value its own
 group) before a held click, so the widget's decode-ahead may have the masks ready; the
 same clicks' press -> preview with decode-ahead off (the "rested, decode-ahead off" row)
-shows what it saves.
+shows what it saves, and "missed" clicks (the cursor rested 40 px from where the click then
+comes, with no move in between: the background decode is for the wrong spot and must be
+stopped) what a wrong guess costs. Only GUI-thread work enters the breakdown.
 In the same run, the engine's own ``predict`` (one point, multimask, full-res masks) and
 its low-res decode alone give the floor the widget adds to.
 """
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -90,6 +93,8 @@ class Probes:
         probes = self
 
         def timed(*args, **kwargs):
+            if threading.current_thread() is not threading.main_thread():
+                return original(*args, **kwargs)  # a decode ahead: not the click's own work
             t0 = time.perf_counter()
             if mark and mark + "_in" not in probes.marks:
                 probes.marks[mark + "_in"] = t0
@@ -141,7 +146,7 @@ def engine_floor(predictor, size: int, repeats: int) -> dict:
 
 
 def run(model_type: str, size: int, clicks: int, precision: str, hold_ms: float, rest_ms: list[float]) -> dict:
-    from qtpy.QtCore import Qt
+    from qtpy.QtCore import QPoint, Qt
     from qtpy.QtTest import QTest
     from qtpy.QtWidgets import QApplication
     from test_napari_first_hour import canvas_point  # the tests' world -> canvas pixel
@@ -185,7 +190,8 @@ def run(model_type: str, size: int, clicks: int, precision: str, hold_ms: float,
         rng = np.random.default_rng(1)
         totals, parts, whole_plane = [], defaultdict(list), []
         in_place = prompt_layers_mod._refresh_region
-        kinds = ["in place", "whole", "held", *(("rested", r, on) for r in rest_ms for on in (True, False))]
+        kinds = ["in place", "whole", "held", *(("rested", r, on) for r in rest_ms for on in (True, False)),
+                 *(("missed", r, True) for r in rest_ms)]
         try:
             held, rested = [], defaultdict(list)
             for i in range(len(kinds) * clicks + 3):  # 3 warm-up clicks, then groups of each kind in turn
@@ -202,16 +208,18 @@ def run(model_type: str, size: int, clicks: int, precision: str, hold_ms: float,
                 if kind == "held":
                     held.append(held_click(native, pos, drawn, probes, hold_ms))
                     continue
-                if kind[0] == "rested":
+                if kind[0] in ("rested", "missed"):
                     _, rest, ahead = kind
                     seg.decode_ahead = ahead
-                    QTest.mouseMove(native, pos)
+                    # missed: the cursor rested 40 image px away, then the click came without a move
+                    rest_at = pos if kind[0] == "rested" else pos + QPoint(40, 0)
+                    QTest.mouseMove(native, rest_at)
                     t_rest = time.perf_counter()
                     while time.perf_counter() - t_rest < rest / 1000:
                         QApplication.processEvents()
                         time.sleep(0.001)
                     probes.reset()
-                    rested[(rest, ahead)].append(held_click(native, pos, drawn, probes, hold_ms))
+                    rested[(kind[0], rest, ahead)].append(held_click(native, pos, drawn, probes, hold_ms))
                     seg.decode_ahead = True
                     continue
                 drawn["t"], drawn["ends"] = 0.0, []
@@ -326,9 +334,10 @@ def main() -> None:
         f"{r['clicks']} more clicks, groups alternating with the others) | {r['held_p50']:.1f} | "
         f"{r['held_p95']:.1f} |\n"
         + "".join(
-            f"| total, cursor rested {rest:.0f} ms on the spot, then a held click (press -> preview drawn), "
-            f"decode-ahead {'on (default)' if on else 'off'} | {p50:.1f} | {p95:.1f} |\n"
-            for (rest, on), (p50, p95) in sorted(r["rested"].items(), key=lambda kv: (kv[0][0], not kv[0][1])))
+            f"| total, cursor rested {rest:.0f} ms {'on the spot' if kind == 'rested' else 'elsewhere (40 px away)'}, "
+            f"then a held click (press -> preview drawn), decode-ahead {'on (default)' if on else 'off'} "
+            f"| {p50:.1f} | {p95:.1f} |\n"
+            for (kind, rest, on), (p50, p95) in sorted(r["rested"].items(), key=lambda kv: (kv[0][1], kv[0][0] == "missed", not kv[0][2])))
         + f"| total, preview redrawn whole (re-slice + whole-plane upload, as before; {r['clicks']} more clicks) | "
         f"{r['whole_p50']:.1f} | {r['whole_p95']:.1f} |\n"
         f"| (thumbnails, inside the rows above) | {r['parts']['thumbnail'][0]:.1f} | "

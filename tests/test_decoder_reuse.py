@@ -235,3 +235,35 @@ def test_prompts_with_many_points_share_the_image_side(tiny_sam):
             alone_masks, alone_iou = predictor.decode_low_res(coords[i : i + 1], labels[i : i + 1])
             torch.testing.assert_close(masks[i : i + 1], alone_masks, rtol=0, atol=1e-4)
             torch.testing.assert_close(iou[i : i + 1], alone_iou, rtol=0, atol=1e-5)
+
+
+def test_a_decode_stops_between_its_stages_when_asked(tiny_sam):
+    """Under a stop check (``stop_when``) that turns True during a decode, the decode
+    raises ``Stopped`` at its next stage, here before the second two-way layer (the widget
+    stops a background guess nobody wants this way); without one it decodes as always."""
+    from napari_sam.model.interrupt import Stopped, stop_when
+
+    predictor = SamPredictor(tiny_sam)
+    predictor.set_image((np.random.default_rng(0).random((64, 80, 3)) * 255).astype(np.uint8))
+    layers = predictor.model.mask_decoder.transformer.layers
+    assert len(layers) == 2
+    runs = [0, 0]
+
+    def counting(i, forward):
+        def counted(*args, **kwargs):
+            runs[i] += 1
+            return forward(*args, **kwargs)
+        return counted
+
+    for i, layer in enumerate(layers):
+        layer.forward = counting(i, layer.forward)
+    try:
+        with stop_when(lambda: runs[0] > 0):  # asked to stop once the first layer ran
+            with pytest.raises(Stopped):
+                predictor.predict(np.array([[30.0, 20.0]]), np.array([1]))
+        assert runs == [1, 0]
+        masks, _, _ = predictor.predict(np.array([[30.0, 20.0]]), np.array([1]))
+        assert runs == [2, 1] and masks.shape == (3, 64, 80)
+    finally:
+        for layer in layers:
+            del layer.forward

@@ -140,3 +140,28 @@ def test_a_background_encode_leaves_no_decoder_work_to_the_gui_thread(viewer, ma
     assert iou(widget.current_masks[0], truth == 2) >= 0.95
     threads = model.image_side_threads
     assert len(threads) == 1 and threads[0] is not threading.main_thread()
+
+
+def test_a_snapshot_keeps_decoding_its_image_while_the_predictor_moves_on(tiny_sam):
+    """``snapshot()`` (what the widget decodes ahead with, in another thread) predicts on
+    the image current when it was taken, whatever the predictor is set to later, and
+    reuses that image's decoder work instead of redoing it."""
+    model = counting(tiny_sam)
+    first, second = embedding_of(model, seed=0), embedding_of(model, seed=1)
+    predictor = SamPredictor(model)
+    predictor.set_embedding(first)
+    predictor.prepare_decoder()
+    snapshot = predictor.snapshot()
+    predictor.set_embedding(second)
+    on_second = predictor.predict(POINT, LABEL)
+    worked = len(model.image_side_threads)
+    on_first = snapshot.predict(POINT, LABEL)
+    assert len(model.image_side_threads) == worked  # the first image's work, reused
+    reference = SamPredictor(model)
+    reference.set_embedding(first)
+    for ours, expected in zip(on_first, reference.predict(POINT, LABEL)):
+        np.testing.assert_array_equal(ours, expected)
+    assert not np.array_equal(on_first[2], on_second[2])  # the two images decode differently
+    assert predictor.get_embedding() is second and snapshot.get_embedding() is first
+    with pytest.raises(RuntimeError):
+        SamPredictor(model).snapshot()  # no image: nothing to keep

@@ -7,7 +7,7 @@ store, segmenting everything, opening a store) runs through :class:`JobRunner`:
   contrast limits, parameters) before :meth:`JobRunner.start`; the worker thread only
   iterates it;
 * **the start is painted first**: the status line and Stop button a job changes are
-  repainted before its worker starts (:func:`_paint_pending_now`);
+  repainted before its worker starts (:func:`paint_pending_now`);
 * **progress**: on the widget's own bar and status line; napari's activity dock only for
   jobs that ask (``activity=True``: model downloads, tile encoding), because its animated
   "in progress" indicator repaints the whole window ~25 times a second, and where OpenGL is
@@ -163,7 +163,7 @@ class JobRunner:
         self.job = job
         try:  # a failing busy_changed slot or paint must not leave a job that never runs
             self.busy_changed.emit(True)
-            _paint_pending_now()  # before the worker takes the cores (see the function)
+            paint_pending_now()  # before the worker takes the cores (see the function)
         finally:
             worker.start()  # it ends normally, which releases the job
         return worker
@@ -269,9 +269,9 @@ class JobRunner:
         return job.ended.wait(timeout)
 
 
-def _paint_pending_now() -> None:
-    """Lay out and repaint, now, the widgets changed so far (the job's status line, its
-    Stop button), before its worker starts.
+def paint_pending_now() -> None:
+    """Lay out and repaint, now, the widgets changed so far: a job's status line and Stop
+    button before its worker starts, a click's preview before napari handles the release.
 
     A repaint of a napari window is a whole-window composition (the canvas is an OpenGL
     widget); with software OpenGL (VMs, remote desktops, Xvfb) it takes ~40 ms, and

@@ -11,17 +11,18 @@ and writes objects through the one label writer (:func:`.labels_io.write_objects
 from __future__ import annotations
 
 import contextlib
-import copy
+import logging
 import types
 
 import numpy as np
 from psygnal import Signal
 
+from ..model.interrupt import raise_if_stopped
 from .decode import Prediction, decode_objects
+from .decode_ahead import DecodeAhead
 from .encoding import SliceEncoder
 from .geometry import PlaneError, SlicePlane, current_plane
-from .jobs import _paint_pending_now
-from .lookahead import DecodeAhead
+from .jobs import paint_pending_now
 from .labels_io import (
     CommitResult,
     LabelsWriteError,
@@ -59,6 +60,8 @@ except ImportError:  # moved or renamed in another napari: its value in napari 0
 
 # the cursor counts as resting (a click may follow) after this long without a move
 REST_MS = 40
+
+log = logging.getLogger(__name__)
 
 
 class _Same:
@@ -105,7 +108,9 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         self.overwrite, self.auto_encode, self.multimask = False, True, "auto"
         self.decode_ahead = True
         self._ahead = DecodeAhead()
-        self._hover = None  # world position of the cursor's last move on the canvas
+        self._hover = None  # world position of the cursor's last move on the canvas (None: not resting there)
+        self._hover_xy = None  # its canvas (x, y) px
+        self.canvas_cursor = None  # a CanvasCursor, set by the widget: where the cursor really is
         self._rest_timer = None  # a QTimer, made on the first move
         self.plane: SlicePlane | None = None
         self.prediction: Prediction | None = None
@@ -131,6 +136,9 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
             (session.tiling_changed, self._on_view_changed),
             (viewer.camera.events.center, self._on_camera),
             (viewer.camera.events.zoom, self._on_camera),
+            (viewer.camera.events.center, self._forget_hover),  # the cursor's world spot moved
+            (viewer.camera.events.zoom, self._forget_hover),
+            (viewer.dims.events.current_step, self._forget_hover),
         ]
         for signal, slot in self._connections:
             signal.connect(slot)
@@ -149,9 +157,12 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
                                     (self.viewer.mouse_move_callbacks, self._on_hover)):
             with contextlib.suppress(ValueError):
                 callbacks.remove(callback)
-        if self._rest_timer is not None:
-            self._rest_timer.stop()
+        self._forget_hover()
         self._ahead.close()
+        if self.canvas_cursor is not None:
+            with contextlib.suppress(RuntimeError):  # (the canvas may be gone already)
+                self.canvas_cursor.canvas.removeEventFilter(self.canvas_cursor)
+            self.canvas_cursor = None
         self._disconnect_prompt_layers()
 
     # ------------------------------------------------------------------ state
@@ -239,6 +250,7 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
             return
         self.image_layer = layer
         self.encoder.reset()
+        self._ahead.forget()  # (a result holds the old image's embedding)
         self.prediction, self._decoded, self.refine_id, self.plane, self._seen = None, None, None, None, None
         if layer is None:
             self.changed.emit()
@@ -282,7 +294,7 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
 
     # ------------------------------------------------------------------ events
     def _on_view_changed(self, event=None) -> None:
-        with self._reported("could not segment this view"):
+        with self._reported("could not show the segmentation of this view"):
             self.sync()
 
     def _on_prompts_changed(self, event=None) -> None:
@@ -294,15 +306,22 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
 
     @contextlib.contextmanager
     def _reported(self, what: str):
-        """In napari's event handlers: a failure goes to the status line, not into napari
-        (which would show a traceback); the preview keeps its last state. Yields an
-        outcome whose ``failed`` tells."""
+        """In napari's event handlers: a failure goes to the status line (and the log, with
+        its traceback), not into napari's event handling (a traceback dialog). The preview
+        is cleared: masks of earlier prompts must not stay shown, nor be committed, as if
+        they were those of the prompts now on screen. Yields an outcome whose ``failed``
+        tells."""
         outcome = types.SimpleNamespace(failed=False)
         try:
             yield outcome
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory in the decoder
             outcome.failed = True
+            log.exception(what)
+            self.prediction = self._decoded = None
+            with contextlib.suppress(Exception):
+                self._show(None)
             self.report(f"{what}: {type(exc).__name__}: {exc}")
+            self.changed.emit()
 
     def _on_press(self, viewer, event):
         """A press that napari's Points "add" mode will turn into a point (on release,
@@ -314,6 +333,7 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         threshold still adds its point: its data event then decodes it). A failed decode
         is reported and lets napari go on (the click still adds its point)."""
         points = self.points_layer
+        self._forget_hover()  # the rest ended with this press (a later move starts another)
         if event.button != 1 or event.modifiers or not self._click_adds_point():
             return
         before = self.prediction, self._decoded
@@ -324,7 +344,7 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         mine = self.prediction  # the press's own result (None when nothing was decoded)
         # drawn now, not after napari's handling of a release already queued (a quick
         # click): its Points add and highlight take tens of ms before the next frame
-        _paint_pending_now()
+        paint_pending_now()
         start = np.asarray(event.pos, float)
         yield
         while event.type == "mouse_move":
@@ -353,7 +373,7 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         :meth:`_decode_hovered`. Cheap: this runs on every move."""
         if not self.decode_ahead or self.points_layer is None:
             return
-        self._hover = event.position
+        self._hover, self._hover_xy = tuple(event.position), tuple(int(v) for v in event.pos)
         if self._rest_timer is None:
             from qtpy.QtCore import QTimer
 
@@ -363,33 +383,54 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
             self._rest_timer.timeout.connect(self._decode_hovered)
         self._rest_timer.start()  # (re)started: fires once the cursor rests
 
+    def _forget_hover(self, event=None) -> None:
+        """The cursor's rest is over (a press, a view change, the widget closing): no
+        background decode for it."""
+        self._hover = None
+        if self._rest_timer is not None:
+            self._rest_timer.stop()
+
     def _decode_hovered(self) -> None:
         """Start decoding, in the background, the prompts a click at the resting cursor
-        would make (see :mod:`.lookahead`): :meth:`_predict` then takes the result instead
-        of decoding. Nothing is shown or reported from here."""
-        if (not self.decode_ahead or self._hover is None or self.encoding or not self._click_adds_point()):
+        would make (see :mod:`.decode_ahead`): :meth:`_predict` then takes the result
+        instead of decoding. Nothing is shown or reported from here: a failure is logged
+        and the click decodes (and reports) as without it."""
+        try:
+            self._start_decode_ahead()
+        except Exception:  # noqa: BLE001 - a guess; never a traceback dialog for it
+            log.debug("no decode ahead for the resting cursor", exc_info=True)
+
+    def _start_decode_ahead(self) -> None:
+        if (not self.decode_ahead or self._hover is None or self.encoding
+                or not getattr(self.viewer, "mouse_over_canvas", True) or not self._click_adds_point()):
             return
         if self._ahead.busy:  # one at a time: try again when it is done
             self._rest_timer.start()
             return
-        adding = self.points_layer.world_to_data(self._hover)
-        points_rc, point_labels, boxes_xyxy, outside = self._prompts(adding=adding)
-        if outside > self._prompts()[3]:
-            return  # off the image: a click there is reported, not decoded
+        cursor = self.canvas_cursor
+        if cursor is not None and cursor.resend_if_dropped(self._hover_xy):
+            self._rest_timer.stop()  # napari handled the dropped move: _hover is where the cursor rests
+            if self._hover is None:
+                return
+        points = self.points_layer
+        if len(self._hover) != points.ndim:  # the world's dimensions changed since the move
+            return
+        points_rc, point_labels, boxes_xyxy, _ = self._prompts(adding=points.world_to_data(self._hover))
+        if len(points_rc) != len(self._prompts()[0]) + 1:
+            return  # off the image or off this slice: a click there adds no prompt here
         key = self._decode_key(points_rc, point_labels, boxes_xyxy)
         if self._decoded is not None and self._decoded[0] == key:
             return
-        # everything it reads, as it is now (the key describes this state): the GUI thread
-        # may make another embedding current or change the refined object meanwhile
-        predictor = copy.copy(self.session.predictor)
-        plane, refine_mask, multimask, rank = self.plane, self._refine_mask, self.multimask, self.rank
+        decode = self._decoder(points_rc, point_labels, boxes_xyxy, self.session.predictor.snapshot())
+        rank = self.rank
 
-        def decode() -> Prediction:
-            prediction = decode_objects(predictor, plane, points_rc, point_labels, boxes_xyxy, refine_mask, multimask)
+        def decode_and_upsample() -> Prediction:
+            prediction = decode()
+            raise_if_stopped()
             prediction.crops(rank)  # the shown candidate's upsampling too
             return prediction
 
-        self._ahead.start(key, decode)
+        self._ahead.start(key, decode_and_upsample)
 
     def _on_layer_removed(self, event) -> None:
         layer = event.value
@@ -419,7 +460,7 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
 
     def _on_model_changed(self, model=None) -> None:
         self.encoder.reset()
-        self._ahead.forget()  # (it holds the old model)
+        self._ahead.forget()  # (a result holds the old model)
         self.prediction, self._decoded, self._seen = None, None, None
         self.sync()
 
@@ -493,7 +534,7 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         key = self._decode_key(points_rc, point_labels, boxes_xyxy)
         shown = self._decoded is not None and self._decoded[1] is self.prediction and self._decoded[0] == key
         if self.prediction is None or not shown:  # else these very masks are shown already
-            ahead = self._ahead.take(key)  # made while the cursor rested (waits for it)
+            ahead = self._ahead.take(key)  # made while the cursor rested
             self.prediction = ahead if ahead is not None else self._decode(points_rc, point_labels, boxes_xyxy)
             self._decoded = (key, self.prediction)
             self._show(self.prediction)
@@ -509,11 +550,21 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
                 _Same(predictor.get_embedding()))
 
     def _decode(self, points_rc, point_labels, boxes_xyxy) -> Prediction:
-        predictor = self.session.predictor
-        if self.refine_id is not None and len(points_rc) == 0 and len(boxes_xyxy) == 0:
-            return Prediction.from_masks(self.plane, self._refine_mask[None], crop=self.tiles is not None)
-        return decode_objects(predictor, self.plane, points_rc, point_labels, boxes_xyxy,
-                              self._refine_mask, self.multimask)
+        return self._decoder(points_rc, point_labels, boxes_xyxy, self.session.predictor)()
+
+    def _decoder(self, points_rc, point_labels, boxes_xyxy, predictor):
+        """``decode() -> Prediction`` of these prompts of the shown plane with ``predictor``,
+        from the state the decode key describes as it is now (so it may run later, in
+        another thread: see :mod:`.decode_ahead`)."""
+        plane, refine_id, refine_mask, multimask = self.plane, self.refine_id, self._refine_mask, self.multimask
+        tiled = self.tiles is not None
+
+        def decode() -> Prediction:
+            if refine_id is not None and len(points_rc) == 0 and len(boxes_xyxy) == 0:
+                return Prediction.from_masks(plane, refine_mask[None], crop=tiled)
+            return decode_objects(predictor, plane, points_rc, point_labels, boxes_xyxy, refine_mask, multimask)
+
+        return decode
 
     def _show(self, prediction: Prediction | None) -> None:
         preview = find_layer(self.viewer, PREVIEW_ROLE)

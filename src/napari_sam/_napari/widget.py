@@ -35,6 +35,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from .canvas_cursor import CanvasCursor
 from .jobs import JobRunner
 from .labels_io import CommitResult
 from .lifetime import on_close
@@ -116,6 +117,8 @@ class SegmentAnythingWidget(QWidget):
         """Once styled (fonts known), make the dock wide enough for every control."""
         super().showEvent(event)
         fit_narrow_docks(self)
+        if self.segmenter.canvas_cursor is None:  # docked now: napari's window holds the canvas
+            self.segmenter.canvas_cursor = CanvasCursor.find(self.window())
 
     def _build_ui(self) -> None:
         layout, footer = scrolled_body(self)
@@ -208,13 +211,14 @@ class SegmentAnythingWidget(QWidget):
             row.addWidget(a)
             row.addWidget(b)
             grid.addLayout(row)
-        self._ahead = QCheckBox("Decode under the resting cursor")
-        self._ahead.setChecked(self.segmenter.decode_ahead)
-        self._ahead.toggled.connect(lambda on: setattr(self.segmenter, "decode_ahead", bool(on)))
-        with_tip(self._ahead, "while the cursor rests on the image, work out the mask a click there would "
-                              "give, so it shows as soon as you click (briefly uses the CPU while you "
-                              "hover; off: the mask is worked out on the click)")
-        grid.addWidget(self._ahead)
+        self._prepare_box = QCheckBox("Prepare the mask under the resting cursor")
+        self._prepare_box.setChecked(self.segmenter.decode_ahead)
+        self._prepare_box.toggled.connect(lambda on: setattr(self.segmenter, "decode_ahead", bool(on)))
+        with_tip(self._prepare_box, "while the cursor rests on the image (2D view, untiled), work out in the "
+                                    "background the mask a click at that very spot would give, so it shows as "
+                                    "you click; a click elsewhere stops that work and computes its own mask "
+                                    "(off: the mask is worked out on the click only)")
+        grid.addWidget(self._prepare_box)
         layout.addWidget(prompt_box)
         self.volume = VolumePanel(self.segmenter, self.session)  # propagation, embedding store
         layout.addWidget(self.volume)

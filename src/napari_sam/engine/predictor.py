@@ -8,6 +8,7 @@ caches and on-disk stores.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -225,6 +226,18 @@ class SamPredictor:
         if prepared is not None:  # after the assignments above, which reset it
             self._image_side = prepared.image_side
         self.is_image_set = True
+
+    def snapshot(self) -> SamPredictor:
+        """A predictor on the current image that stays on it: later ``set_image`` /
+        ``set_embedding`` calls on this one do not change it (same model and decoder
+        work, no copy of either). For decoding in another thread while this one moves on;
+        the two must not be used to change the model's weights meanwhile."""
+        self._require_image()
+        snapshot = copy.copy(self)  # the attributes set_embedding rebinds are its own
+        # its own holder of the per-image decoder work (the value shared, not recomputed):
+        # decodes of the two on different images must not keep replacing each other's
+        snapshot._image_side = copy.copy(self._image_side)
+        return snapshot
 
     def prepare_embedding(self, embedding: ImageEmbedding) -> PreparedEmbedding:
         """The work :meth:`set_embedding` and :meth:`prepare_decoder` do for ``embedding``

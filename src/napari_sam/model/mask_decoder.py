@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .common import MLP, DerivedFromParameters, LayerNorm2d
+from .interrupt import raise_if_stopped
 from .transformer import ImageSideCache, TwoWayTransformer
 
 
@@ -110,6 +111,7 @@ class MaskDecoder(nn.Module):
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(mlps)], dim=1
         )  # (n, K, C/8) for the K masks asked for
+        raise_if_stopped()  # the upscaling is a third of a decode: not for a stopped one
         masks = self._upscale_and_project(src_tokens.expand(n, -1, -1).reshape(n, h, w, c), hyper_in)
         if rows is None:
             return masks, iou_pred

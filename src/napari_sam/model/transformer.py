@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .common import MLPBlock, autocast_dtype
+from .interrupt import raise_if_stopped
 
 
 class Attention(nn.Module):
@@ -375,6 +376,7 @@ class TwoWayTransformer(nn.Module):
         queries = point_embedding
         for i, layer in enumerate(self.layers):
             # after the first layer the image tokens are this loop's own: overwritable
+            raise_if_stopped()  # a stale guess (the widget's decode ahead) stops between layers
             queries, keys = layer(
                 queries, keys, point_embedding, key_pe, cache if i == 0 else None, keys_owned=i > 0
             )
