@@ -442,8 +442,13 @@ def test_a_decode_failing_on_the_press_and_the_release_is_reported_not_raised(vi
     from qtpy.QtTest import QTest
     from test_napari_first_hour import canvas_point
 
+    from test_napari_first_hour import click
+
     layer, truth, _model, widget, points, native = _press_setup(viewer, make_widget, qtbot)
     segmenter = widget.segmenter
+    segmenter.decode_ahead = False  # (every decode through _decode)
+    click(viewer, qtbot, layer.data_to_world(centroid(truth == 3)))  # a first point, decoded
+    assert iou(widget.current_masks[0], truth == 3) >= 0.95
 
     def fails(*args):
         raise RuntimeError("out of memory")
@@ -453,8 +458,12 @@ def test_a_decode_failing_on_the_press_and_the_release_is_reported_not_raised(vi
     pos = canvas_point(viewer, layer.data_to_world(centroid(truth == 2)))
     QTest.mousePress(native, left, none, pos)
     QTest.mouseRelease(native, left, none, pos)
-    assert len(points.data) == 1 and segmenter.prediction is None
+    assert len(points.data) == 2 and segmenter.prediction is None
     assert "could not segment" in segmenter.last_status and "RuntimeError: out of memory" in segmenter.last_status
+    # the first point's mask is not left shown, nor committed as if it were the two points'
+    assert not viewer.layers["SAM preview"].data.any()
+    widget.commit()
+    assert "SAM labels" not in [lay.name for lay in viewer.layers] or not viewer.layers["SAM labels"].data.any()
     monkeypatch.undo()
     segmenter.update_preview()  # a later prompt change decodes normally again
-    assert iou(widget.current_masks[0], truth == 2) >= 0.95
+    assert widget.current_masks is not None
