@@ -167,8 +167,9 @@ def test_a_quick_click_after_a_move_leaves_no_background_decode(viewer, make_wid
     the click (it would hold the cores when the next click comes)."""
     layer, truth, _model, widget, points, native = setup(viewer, make_widget, qtbot)
     pos = canvas_point(viewer, layer.data_to_world(centroid(truth == 2)))
-    QTest.mouseMove(native, pos + QPoint(2, 2))
-    QTest.mouseMove(native, pos)
+    QTest.mouseMove(native, pos + QPoint(30, 0))
+    qtbot.wait(1)
+    QTest.mouseMove(native, pos)  # (napari may deliver this move only after the click)
     QTest.mousePress(native, LEFT, NONE, pos)
     QTest.mouseRelease(native, LEFT, NONE, pos)
     assert len(points.data) == 1 and iou(widget.current_masks[0], truth == 2) >= 0.95

@@ -110,6 +110,7 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         self._ahead = DecodeAhead()
         self._hover = None  # world position of the cursor's last move on the canvas (None: not resting there)
         self._hover_xy = None  # its canvas (x, y) px
+        self._press_xy = None  # canvas (x, y) px of the last press
         self.canvas_cursor = None  # a CanvasCursor, set by the widget: where the cursor really is
         self._rest_timer = None  # a QTimer, made on the first move
         self.plane: SlicePlane | None = None
@@ -334,6 +335,7 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         is reported and lets napari go on (the click still adds its point)."""
         points = self.points_layer
         self._forget_hover()  # the rest ended with this press (a later move starts another)
+        self._press_xy = tuple(int(v) for v in event.pos)
         if event.button != 1 or event.modifiers or not self._click_adds_point():
             return
         before = self.prediction, self._decoded
@@ -373,7 +375,11 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         :meth:`_decode_hovered`. Cheap: this runs on every move."""
         if not self.decode_ahead or self.points_layer is None:
             return
-        self._hover, self._hover_xy = tuple(event.position), tuple(int(v) for v in event.pos)
+        xy = tuple(int(v) for v in event.pos)
+        if xy == self._press_xy:  # not moved since the click (a move napari delivers late):
+            return  # a click there again would only repeat the point just added
+        self._press_xy = None
+        self._hover, self._hover_xy = tuple(event.position), xy
         if self._rest_timer is None:
             from qtpy.QtCore import QTimer
 
