@@ -233,11 +233,10 @@ class SamPredictor:
         work, no copy of either). For decoding in another thread while this one moves on;
         the two must not be used to change the model's weights meanwhile."""
         self._require_image()
-        snapshot = copy.copy(self)  # the attributes set_embedding rebinds are its own
-        # its own holder of the per-image decoder work (the value shared, not recomputed):
-        # decodes of the two on different images must not keep replacing each other's
-        snapshot._image_side = copy.copy(self._image_side)
-        return snapshot
+        # a shallow copy suffices: a new image rebinds the features, sizes and embedding
+        # and gives the predictor a new holder of the per-image decoder work
+        # (_image_changed), so the copy keeps the current ones, shared, not recomputed
+        return copy.copy(self)
 
     def prepare_embedding(self, embedding: ImageEmbedding) -> PreparedEmbedding:
         """The work :meth:`set_embedding` and :meth:`prepare_decoder` do for ``embedding``

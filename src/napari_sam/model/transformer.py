@@ -375,8 +375,8 @@ class TwoWayTransformer(nn.Module):
             key_pe = self.flatten_image(image_pe)  # (1, HW, C)
         queries = point_embedding
         for i, layer in enumerate(self.layers):
-            # after the first layer the image tokens are this loop's own: overwritable
             raise_if_stopped()  # a stale guess (the widget's decode ahead) stops between layers
+            # after the first layer the image tokens are this loop's own: overwritable
             queries, keys = layer(
                 queries, keys, point_embedding, key_pe, cache if i == 0 else None, keys_owned=i > 0
             )
