@@ -56,7 +56,8 @@ def interrupt_when_reading(fifo, args, timeout=120.0):
             # CPython acts on a signal between bytecodes: a SIGINT that lands after the last
             # check and before read() blocks waits for that read to return, as a real file's
             # read does (seen under load in CI). The FIFO's end of file returns it here; a
-            # lost signal would then fail to read the file (exit 2), not exit 130.
+            # lost signal would then let the command go on with an empty file, and fail
+            # this test: the input exits 2; the weights' record is opened again and blocks.
             os.close(fd)
             fd = None
             out, err = proc.communicate(timeout=60)
