@@ -64,6 +64,12 @@ REST_MS = 40
 log = logging.getLogger(__name__)
 
 
+def _canvas_px(event) -> tuple[int, ...]:
+    """A mouse event's canvas position in whole pixels, (x, y): the press and the moves
+    are compared in this one form."""
+    return tuple(int(v) for v in event.pos)
+
+
 class _Same:
     """Wraps an object for a decode key: equal only to a wrapper of the very same object
     (unlike id(), which a new object may reuse once the old one is freed)."""
@@ -335,7 +341,7 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         is reported and lets napari go on (the click still adds its point)."""
         points = self.points_layer
         self._forget_hover()  # the rest ended with this press (a later move starts another)
-        self._press_xy = tuple(int(v) for v in event.pos)
+        self._press_xy = _canvas_px(event)
         if event.button != 1 or event.modifiers or not self._click_adds_point():
             return
         before = self.prediction, self._decoded
@@ -375,7 +381,7 @@ class InteractiveSegmenter(TiledPlanes, PromptsFromPython):
         :meth:`_decode_hovered`. Cheap: this runs on every move."""
         if not self.decode_ahead or self.points_layer is None:
             return
-        xy = tuple(int(v) for v in event.pos)
+        xy = _canvas_px(event)
         if xy == self._press_xy:  # not moved since the click (a move napari delivers late):
             return  # a click there again would only repeat the point just added
         self._press_xy = None
